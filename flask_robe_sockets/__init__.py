@@ -1,0 +1,35 @@
+"""Real-time WebSocket channels for Flask.
+
+Everything a server-side application needs is importable from here; the
+Python client lives in :mod:`flask_robe_sockets.client`.
+"""
+from __future__ import annotations
+
+from .backends import Backend
+from .channels import Channel
+from .connection import Connection
+from .errors import (
+    ConfigurationError,
+    Forbidden,
+    ProtocolError,
+    PublishError,
+    RobeSocketsError,
+    TicketError,
+)
+from .extension import RobeSockets
+from .message import Message
+
+__all__ = [
+    "Backend",
+    "Channel",
+    "ConfigurationError",
+    "Connection",
+    "Forbidden",
+    "Message",
+    "ProtocolError",
+    "PublishError",
+    "RobeSockets",
+    "RobeSocketsError",
+    "TicketError",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,59 @@
+"""The interface every backend implements.
+
+A backend numbers and stores broadcasts and carries them to every worker.
+Channel membership itself stays in each worker's memory (``channels.Hub``):
+the backend is told when a worker's first member of a channel joins
+(``subscribe``) and when its last one leaves (``unsubscribe``), so that a
+worker only hears about channels its own clients care about.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+#: ``deliver(channel, seq, frame)``: hand a ready WebSocket frame to the
+#: local members of ``channel``.
+Deliver = Callable[[str, int, bytes], None]
+
+
+@dataclass
+class Recovery:
+    """What ``@subscribed`` answers, and the broadcasts to replay first."""
+
+    recovered: bool
+    seq: int
+    epoch: str
+    #: ``(seq, frame)`` pairs, oldest first.
+    frames: list[tuple[int, bytes]] = field(default_factory=list)
+
+
+class Backend:
+    """Base class; see the module docstring."""
+
+    def start(self, deliver: Deliver) -> None:
+        """Begin delivering broadcasts of subscribed channels to ``deliver``."""
+        raise NotImplementedError
+
+    def publish(self, channel: str, event: str, data: Any) -> int:
+        """Broadcast to every worker; return the message's ``seq``.
+
+        :raises PublishError: when the message could not be handed over.
+        """
+        raise NotImplementedError
+
+    def subscribe(self, channel: str) -> None:
+        """This worker's first member of ``channel`` joined."""
+
+    def unsubscribe(self, channel: str) -> None:
+        """This worker's last member of ``channel`` left."""
+
+    def recover(self, channel: str, since: int | None, epoch: str | None) -> Recovery:
+        """The channel's position, and the broadcasts after ``since`` if all are kept."""
+        raise NotImplementedError
+
+    def claim_nonce(self, nonce: str, ttl: float) -> bool:
+        """Mark a ticket nonce used; ``False`` when it already was."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release connections and background tasks."""

@@ -1,0 +1,202 @@
+"""One client connection: its socket, its send queue and its state."""
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import gevent
+
+from . import protocol
+from .ratelimit import RateLimiter
+from .websocket import ServerSocket
+
+if TYPE_CHECKING:
+    from .server import SocketServer
+
+log = logging.getLogger("flask_robe_sockets")
+
+
+class Connection:
+    """A client connected to the socket endpoint.
+
+    Handlers and hooks receive it. ``metadata`` is a dict for the
+    application's own per-connection state; the library never reads it.
+    """
+
+    def __init__(
+        self, server: "SocketServer", identity: Any = None, remote_addr: str | None = None
+    ) -> None:
+        #: Unique id, also sent to the client in ``@connected``.
+        self.id: str = secrets.token_urlsafe(12)
+        #: What the ticket's identity loader returned (``None`` without one).
+        self.identity: Any = identity
+        #: The client's IP address as Flask saw it.
+        self.remote_addr: str | None = remote_addr
+        #: Free for the application's use.
+        self.metadata: dict[str, Any] = {}
+        self._server = server
+        self._channels: set[str] = set()
+        self._queue: deque[bytes] = deque()
+        self._queue_size = server.config["ROBE_SOCKETS_SEND_QUEUE_SIZE"]
+        # Set by writers of the queue; waited on by the writer loop.
+        self._wakeup = threading.Event()
+        self._closing = False
+        self._reader_done = threading.Event()
+        self._active = time.monotonic()
+        rate, burst = server.config["ROBE_SOCKETS_RATE_LIMIT"]
+        self._limiter = RateLimiter(rate, burst)
+        self._socket: ServerSocket | None = None
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.id} identity={self.identity!r}>"
+
+    @property
+    def channels(self) -> frozenset[str]:
+        """Names of the channels this connection is subscribed to."""
+        return frozenset(self._channels)
+
+    @property
+    def open(self) -> bool:
+        """Whether messages sent to this connection can still reach it."""
+        return not self._closing
+
+    def send(self, event: str, data: Any = None, channel: str | None = None) -> None:
+        """Send an event to this connection alone (no ``seq``).
+
+        :param channel: the channel to name in the frame, or ``None`` for a
+            connection-level message.
+        """
+        if channel is not None and not protocol.is_valid_channel(channel):
+            raise ValueError(f"invalid channel name {channel!r}")
+        if not protocol.is_valid_event(event):
+            raise ValueError(f"invalid event name {event!r}: 1 to 64 characters, not starting with '@'")
+        self.push(protocol.ws_frame(protocol.encode(event, data, channel)))
+
+    def close(self, code: int = protocol.CLOSE_NORMAL, reason: str = "") -> None:
+        """Close the connection: queued messages are written, then the close frame."""
+        if self._closing:
+            return
+        self._closing = True
+        self._server.forget(self)
+        self._queue.append(protocol.close_frame(code, reason))
+        self._wakeup.set()
+
+    # -- the send queue -------------------------------------------------
+
+    def push(self, frame: bytes) -> None:
+        """Queue a ready WebSocket frame; never blocks."""
+        if self._closing:
+            return
+        if len(self._queue) >= self._queue_size:
+            self._overflow()
+            return
+        self._queue.append(frame)
+        self._wakeup.set()
+
+    def _overflow(self) -> None:
+        log.warning("connection %s is not reading: send queue full, closing with 4008", self.id)
+        self._queue.clear()
+        self.close(protocol.CLOSE_SLOW_CONSUMER, "send queue overflow")
+
+    # -- called by ServerSocket, in the reader -------------------------
+
+    def on_activity(self) -> None:
+        self._active = time.monotonic()
+
+    def on_text(self, text: str) -> None:
+        if self._closing:
+            return
+        if self._admit():
+            self._server.handle_text(self, text)
+        elif not self._closing:
+            self._server.answer_rate_limited(self, text)
+
+    def on_binary(self) -> None:
+        if self._closing:
+            return
+        if self._admit():
+            self._server.answer_error(self, "bad_frame", "binary frames are not supported")
+        elif not self._closing:
+            self._server.answer_rate_limited(self, None)
+
+    def on_control(self, frame: bytes) -> None:
+        self.push(frame)
+
+    def on_close(self, code: int) -> None:
+        # Echo the client's code as RFC 6455 asks; 1005/1006 never go on the wire.
+        self.close(code if code not in (1005, 1006) else protocol.CLOSE_NORMAL)
+
+    def on_reader_done(self) -> None:
+        self._reader_done.set()
+        if not self._closing:
+            # The peer vanished without a close frame.
+            self._closing = True
+            self._server.forget(self)
+            self._queue.clear()
+        self._wakeup.set()
+
+    def _admit(self) -> bool:
+        limiter = self._limiter
+        if limiter.allow():
+            return True
+        if limiter.exhausted:
+            log.warning("connection %s kept flooding: closing with 1008", self.id)
+            self.close(protocol.CLOSE_POLICY, "rate limit exceeded")
+        return False
+
+    # -- the writer, run in the request's own greenlet -------------------
+
+    def serve(self, environ: dict) -> None:
+        """Upgrade the request and run the connection until it ends."""
+        config = self._server.config
+        self._socket = ServerSocket(environ, self, config["ROBE_SOCKETS_MAX_MESSAGE_SIZE"])
+        try:
+            self._server.connected(self)
+            self._write_loop(config["ROBE_SOCKETS_PING_INTERVAL"])
+        except (OSError, gevent.Timeout) as exc:
+            log.info("connection %s lost while writing: %r", self.id, exc)
+        finally:
+            self._shutdown(config["ROBE_SOCKETS_CLOSE_TIMEOUT"])
+
+    def _write_loop(self, ping_interval: float | None) -> None:
+        sock = self._socket.sock
+        queue = self._queue
+        write_timeout = ping_interval or 30
+        pinged = False
+        while True:
+            if not self._wakeup.wait(ping_interval):
+                # Silent for a whole interval: ping, and give up after a second one.
+                if time.monotonic() - self._active < ping_interval:
+                    pinged = False
+                elif pinged:
+                    log.info("connection %s did not answer a ping: dropping it", self.id)
+                    self.on_reader_done()
+                    return
+                else:
+                    pinged = True
+                    queue.append(protocol.PING_FRAME)
+            self._wakeup.clear()
+            if queue:
+                batch = b"".join(queue) if len(queue) > 1 else queue[0]
+                queue.clear()
+                with gevent.Timeout(write_timeout):
+                    sock.sendall(batch)
+            if self._closing and not queue:
+                return
+
+    def _shutdown(self, close_timeout: float) -> None:
+        self._closing = True
+        self._server.forget(self)
+        if not self._reader_done.is_set() and self._socket.connected:
+            # Give the client the chance to answer our close frame.
+            self._reader_done.wait(close_timeout)
+        try:
+            self._socket.sock.close()
+        except OSError:
+            pass
+        self._socket.connected = False
+        self._server.disconnected(self)

@@ -1,0 +1,268 @@
+"""The Flask extension: registration API, HTTP endpoints and the handshake."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, TypeVar
+from urllib.parse import urlsplit
+
+from flask import Flask, Response, current_app, jsonify, request, send_from_directory
+
+from . import config as config_module
+from .channels import Channel
+from .connection import Connection
+from .errors import ConfigurationError, TicketError
+from .message import Message
+from .server import SocketServer
+
+log = logging.getLogger("flask_robe_sockets")
+
+_STATIC = os.path.join(os.path.dirname(__file__), "static")
+
+F = TypeVar("F", bound=Callable[..., Any])
+Handler = Callable[[Message, Connection], Any]
+
+
+class _Refused(Exception):
+    """A handshake refused before the upgrade."""
+
+    def __init__(self, status: int, error: str) -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
+
+
+def _json_error(status: int, error: str) -> Response:
+    # Returned, not raised: the app's own error pages must not replace it.
+    response = jsonify(error=error)
+    response.status_code = status
+    return response
+
+
+class RobeSockets:
+    """Real-time channels for a Flask app.
+
+    ::
+
+        sockets = RobeSockets(app)
+        sockets["chat"].send("message", text="hi")
+
+        @sockets.on("message", channel="chat")
+        def on_message(message, connection):
+            return {"ok": True}
+
+    Handlers and hooks are registered on this object and shared by every
+    app it is initialised with; each app's running state is kept in
+    ``app.extensions["robe_sockets"]``.
+    """
+
+    def __init__(self, app: Flask | None = None) -> None:
+        self._handlers: list[tuple[str, str, Handler]] = []
+        self._connect_hooks: list[Callable[[Connection], Any]] = []
+        self._disconnect_hooks: list[Callable[[Connection], Any]] = []
+        self._authorize_hook: Callable[[Connection, str], bool] | None = None
+        self._identity_loader: Callable[[], Any] | None = None
+        self._servers: list[SocketServer] = []
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        """Read the ``ROBE_SOCKETS_*`` config and mount the endpoints."""
+        settings = config_module.load(app.config)
+        path = settings["ROBE_SOCKETS_PATH"].rstrip("/")
+        if not path.startswith("/"):
+            raise ConfigurationError(f"ROBE_SOCKETS_PATH must start with '/', got {path!r}")
+        rate = settings["ROBE_SOCKETS_RATE_LIMIT"]
+        if not (isinstance(rate, (tuple, list)) and len(rate) == 2 and rate[0] > 0 and rate[1] >= 1):
+            raise ConfigurationError(
+                f"ROBE_SOCKETS_RATE_LIMIT must be (frames per second, burst), got {rate!r}"
+            )
+        if settings["ROBE_SOCKETS_TICKETS_REQUIRED"] and not app.secret_key:
+            raise ConfigurationError(
+                "tickets are signed with the app's SECRET_KEY: set app.secret_key,"
+                " or set ROBE_SOCKETS_TICKETS_REQUIRED = False"
+            )
+        server = SocketServer(app, self, settings)
+        app.extensions["robe_sockets"] = server
+        self._servers.append(server)
+        # Werkzeug routes upgrade requests only to websocket rules, and
+        # answers the others with its own HTML 400: one rule for each, so
+        # that every refusal is the protocol's JSON.
+        for websocket in (True, False):
+            app.add_url_rule(
+                path, "robe_sockets.socket", self._socket_view, methods=["GET"], websocket=websocket
+            )
+        app.add_url_rule(path + "/ticket", "robe_sockets.ticket", self._ticket_view, methods=["POST"])
+        app.add_url_rule(path + "/<any('client.js', 'client.d.ts'):filename>", "robe_sockets.client", _client_view)
+
+    # -- registration ----------------------------------------------------
+
+    def on(self, event: str, channel: str) -> Callable[[F], F]:
+        """Register a handler for ``event`` sent by clients on ``channel``.
+
+        ``channel`` is a name, or a prefix ending in ``*`` (``"room:*"``)
+        that matches every channel starting with it. Handlers for the same
+        channel and event run in registration order; the first one to
+        return something other than ``None`` gives the ``@reply``.
+        """
+        if event.startswith("@") or not event:
+            raise ValueError(f"invalid event name {event!r}: names starting with '@' are reserved")
+
+        def decorator(handler: F) -> F:
+            self._handlers.append((channel, event, handler))
+            return handler
+
+        return decorator
+
+    def on_connect(self, hook: F) -> F:
+        """Register ``hook(connection)``, called after ``@connected`` is sent."""
+        self._connect_hooks.append(hook)
+        return hook
+
+    def on_disconnect(self, hook: F) -> F:
+        """Register ``hook(connection)``, called once when the connection ends."""
+        self._disconnect_hooks.append(hook)
+        return hook
+
+    def authorize(self, hook: F) -> F:
+        """Set ``hook(connection, channel) -> bool``, asked before every subscribe
+        and every application event; ``False`` answers ``@error forbidden``."""
+        self._authorize_hook = hook
+        return hook
+
+    def identity_loader(self, loader: F) -> F:
+        """Set ``loader() -> identity or None``, called in the ticket request.
+
+        Returning ``None`` refuses the ticket with 401. Without a loader,
+        every caller gets a ticket with identity ``None``.
+        """
+        self._identity_loader = loader
+        return loader
+
+    def _handlers_for(self, channel: str, event: str) -> list[Handler]:
+        return [
+            handler
+            for pattern, name, handler in self._handlers
+            if name == event
+            and (pattern == channel or (pattern.endswith("*") and channel.startswith(pattern[:-1])))
+        ]
+
+    # -- sending ---------------------------------------------------------
+
+    def _server(self) -> SocketServer:
+        try:
+            return current_app.extensions["robe_sockets"]
+        except RuntimeError:  # no app context: a thread or greenlet of our own
+            if len(self._servers) == 1:
+                return self._servers[0]
+            raise RuntimeError(
+                "RobeSockets is used by several apps (or none): send from within an app context"
+            ) from None
+
+    def __getitem__(self, name: str) -> Channel:
+        """The channel ``name``, to ``send`` to."""
+        return self._server().channel(name)
+
+    def send(self, channel: str, event: str, data: Any = None) -> int:
+        """Broadcast ``event`` with ``data`` to ``channel``; returns its ``seq``."""
+        return self[channel].send(event, data)
+
+    @property
+    def connections(self) -> frozenset[Connection]:
+        """The open connections of this worker."""
+        return frozenset(self._server().connections)
+
+    def connections_of(self, identity: Any) -> list[Connection]:
+        """This worker's open connections whose ticket named ``identity``."""
+        return [conn for conn in self._server().connections if conn.identity == identity]
+
+    # -- HTTP endpoints --------------------------------------------------
+
+    def _ticket_view(self) -> Response:
+        server: SocketServer = current_app.extensions["robe_sockets"]
+        identity = self._identity_loader() if self._identity_loader else None
+        if identity is None and self._identity_loader is not None:
+            return _json_error(401, "unauthorized")
+        ticket = server.tickets.issue(identity, request.remote_addr)
+        response = jsonify(ticket=ticket, expires_in=server.tickets.max_age)
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    def _socket_view(self) -> Any:
+        server: SocketServer = current_app.extensions["robe_sockets"]
+        try:
+            identity = _check_handshake(server)
+        except _Refused as refused:
+            log.info("handshake from %s refused: %s", request.remote_addr, refused.error)
+            return _json_error(refused.status, refused.error)
+        conn = Connection(server, identity, request.remote_addr)
+        try:
+            conn.serve(request.environ)
+        finally:
+            server.slots -= 1
+        return _ended_response(request.environ)
+
+
+def _check_handshake(server: SocketServer) -> Any:
+    """Run the checks of PROTOCOL.md section 2, in its order; reserve a slot.
+
+    Everything here happens before the upgrade, so a refusal is a plain
+    HTTP answer. Returns the ticket's identity.
+    """
+    config = server.config
+    if (
+        request.headers.get("Upgrade", "").lower() != "websocket"
+        or "upgrade" not in request.headers.get("Connection", "").lower()
+        or not request.headers.get("Sec-WebSocket-Key")
+    ):
+        raise _Refused(400, "not_websocket")
+    origin = request.headers.get("Origin")
+    if origin is not None and not _origin_allowed(origin, config["ROBE_SOCKETS_ALLOWED_ORIGINS"]):
+        raise _Refused(403, "origin_not_allowed")
+    ticket = request.args.get("ticket")
+    identity = None
+    if ticket is None:
+        if config["ROBE_SOCKETS_TICKETS_REQUIRED"]:
+            raise _Refused(401, "ticket_missing")
+    elif server.tickets is None:
+        raise _Refused(401, "ticket_invalid")
+    else:
+        try:
+            identity = server.tickets.verify(ticket, request.remote_addr)
+        except TicketError as exc:
+            raise _Refused(401, exc.code) from None
+    if server.slots >= config["ROBE_SOCKETS_MAX_CONNECTIONS"]:
+        raise _Refused(503, "too_many_connections")
+    server.slots += 1
+    return identity
+
+
+def _origin_allowed(origin: str, allowed: list[str] | None) -> bool:
+    if allowed is None:
+        return urlsplit(origin).netloc.lower() == request.host.lower()
+    return "*" in allowed or origin.rstrip("/").lower() in {o.rstrip("/").lower() for o in allowed}
+
+
+def _ended_response(environ: dict) -> Response:
+    """What the view returns once the socket is finished.
+
+    Under gunicorn, raising ``StopIteration`` from the response keeps it from
+    writing an HTTP response onto the closed socket (as flask-sock does).
+    """
+
+    class WebSocketEnded(Response):
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            if "gunicorn.socket" in environ:
+                raise StopIteration()
+            if "werkzeug.socket" in environ:
+                return super().__call__(*args, **kwargs)
+            return []
+
+    return WebSocketEnded()
+
+
+def _client_view(filename: str) -> Response:
+    response = send_from_directory(_STATIC, filename, max_age=3600)
+    if filename.endswith(".js"):
+        response.mimetype = "text/javascript"
+    return response

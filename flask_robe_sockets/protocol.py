@@ -1,0 +1,220 @@
+"""The wire protocol, version 1, apart from any I/O.
+
+Parsing and validation of client frames, and encoding of server frames to
+JSON text and to ready-to-write WebSocket frames. Nothing here knows about
+sockets, gevent or Flask, so it is tested by feeding it strings.
+See PROTOCOL.md for the contract this module implements.
+"""
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ProtocolError
+
+VERSION = 1
+
+SUBSCRIBE = "@subscribe"
+UNSUBSCRIBE = "@unsubscribe"
+PING = "@ping"
+PONG = "@pong"
+CONNECTED = "@connected"
+SUBSCRIBED = "@subscribed"
+UNSUBSCRIBED = "@unsubscribed"
+REPLY = "@reply"
+ERROR = "@error"
+
+#: The reserved events a client may send (PROTOCOL.md section 4).
+CLIENT_REQUESTS = frozenset({SUBSCRIBE, UNSUBSCRIBE, PING})
+
+MAX_DEPTH = 64
+
+_CHANNEL_RE = re.compile(r"[A-Za-z0-9_\-.:/]{1,128}")
+
+# Close codes (PROTOCOL.md section 5).
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_INVALID_DATA = 1007
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_INTERNAL = 1011
+CLOSE_SLOW_CONSUMER = 4008
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A valid frame from a client."""
+
+    event: str
+    channel: str | None = None
+    data: Any = None
+    ref: str | int | None = None
+
+
+def is_valid_channel(name: Any) -> bool:
+    """Whether ``name`` is a channel name the protocol allows."""
+    return isinstance(name, str) and _CHANNEL_RE.fullmatch(name) is not None
+
+
+def is_valid_event(name: Any) -> bool:
+    """Whether ``name`` is an application event name (not reserved)."""
+    return isinstance(name, str) and 0 < len(name) <= 64 and not name.startswith("@")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError("number does not fit a double")
+    return value
+
+
+def _parse_int(text: str) -> int:
+    value = int(text)  # more than 4,300 digits raises ValueError itself
+    if len(text) > 308:
+        float(value)  # OverflowError when it does not fit a double
+    return value
+
+
+_decoder = json.JSONDecoder(
+    parse_float=_parse_float, parse_int=_parse_int, parse_constant=_reject_constant
+)
+
+
+def _too_deep(value: Any) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return True
+        if isinstance(item, dict):
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+    return False
+
+
+def loads(text: str) -> Any:
+    """Parse strict JSON (RFC 8259), raising ``ValueError`` on anything else.
+
+    Python's ``json`` accepts ``NaN`` and ``Infinity`` and turns ``1e999``
+    into ``inf``; the protocol does not, so they are refused here.
+    """
+    try:
+        value = _decoder.decode(text)
+    except (RecursionError, OverflowError) as exc:
+        raise ValueError(str(exc) or type(exc).__name__) from None
+    # Counting brackets first keeps the depth walk off the common path.
+    if text.count("[") + text.count("{") > MAX_DEPTH and _too_deep(value):
+        raise ValueError(f"nesting deeper than {MAX_DEPTH} levels")
+    return value
+
+
+def parse_frame(text: str) -> Frame:
+    """Validate one client text frame.
+
+    :raises ProtocolError: with the code PROTOCOL.md section 3 assigns, and
+        the frame's ``ref`` and ``channel`` where they were usable.
+    """
+    try:
+        obj = loads(text)
+    except ValueError as exc:
+        raise ProtocolError("bad_frame", f"frame is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("bad_frame", "frame must be a JSON object")
+
+    ref = obj.get("ref")
+    ref_ok = ref is None or (isinstance(ref, (str, int)) and not isinstance(ref, bool))
+    answer_ref = ref if ref_ok else None
+    channel = obj.get("channel")
+    channel_ok = is_valid_channel(channel)
+    answer_channel = channel if channel_ok else None
+
+    def fail(code: str, message: str) -> ProtocolError:
+        return ProtocolError(code, message, answer_ref, answer_channel)
+
+    event = obj.get("event")
+    if not isinstance(event, str):
+        raise fail("bad_frame", "'event' must be a string")
+    if not ref_ok:
+        raise fail("bad_frame", "'ref' must be a string or an integer")
+    if channel is None and event == PING:
+        return Frame(event=event, data=obj.get("data"), ref=ref)
+    if not isinstance(channel, str):
+        raise fail("bad_frame", "'channel' must be a string")
+    if not channel_ok:
+        raise fail(
+            "bad_channel",
+            "channel names are 1 to 128 characters from A-Z a-z 0-9 _ - . : /",
+        )
+    if event.startswith("@"):
+        if event not in CLIENT_REQUESTS:
+            raise fail("bad_event", f"{event!r} is reserved for the protocol")
+    elif not is_valid_event(event):
+        raise fail("bad_event", "event names are 1 to 64 characters")
+    return Frame(event=event, channel=channel, data=obj.get("data"), ref=ref)
+
+
+_encoder = json.JSONEncoder(
+    ensure_ascii=False, allow_nan=False, separators=(",", ":"), check_circular=False
+)
+
+
+def dumps(value: Any) -> str:
+    """Encode ``value`` as standard JSON; ``NaN`` and infinities raise ``ValueError``."""
+    return _encoder.encode(value)
+
+
+def encode(
+    event: str,
+    data: Any = None,
+    channel: str | None = None,
+    ref: Any = None,
+    seq: int | None = None,
+) -> bytes:
+    """Build the UTF-8 JSON text of one server frame."""
+    frame: dict[str, Any] = {}
+    if channel is not None:
+        frame["channel"] = channel
+    frame["event"] = event
+    frame["data"] = data
+    if ref is not None:
+        frame["ref"] = ref
+    if seq is not None:
+        frame["seq"] = seq
+    return dumps(frame).encode()
+
+
+def error_payload(code: str, message: str) -> dict[str, str]:
+    return {"code": code, "message": message}
+
+
+def ws_frame(payload: bytes, opcode: int = 0x1) -> bytes:
+    """Wrap ``payload`` in one unmasked, final WebSocket frame (RFC 6455).
+
+    Server frames are never masked, so the same bytes serve every
+    subscriber: a broadcast is framed once, not once per connection.
+    RSV1 stays 0, which RFC 7692 allows on compressed connections too.
+    """
+    length = len(payload)
+    if length < 126:
+        header = struct.pack("!BB", 0x80 | opcode, length)
+    elif length < 65536:
+        header = struct.pack("!BBH", 0x80 | opcode, 126, length)
+    else:
+        header = struct.pack("!BBQ", 0x80 | opcode, 127, length)
+    return header + payload
+
+
+def close_frame(code: int, reason: str = "") -> bytes:
+    """A ready-to-write close frame."""
+    return ws_frame(struct.pack("!H", code) + reason.encode()[:123], opcode=0x8)
+
+
+PING_FRAME = ws_frame(b"", opcode=0x9)

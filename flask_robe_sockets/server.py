@@ -1,0 +1,271 @@
+"""Per-application state: connections, channels, backend, frame handling.
+
+One ``SocketServer`` lives in ``app.extensions["robe_sockets"]``. The
+``RobeSockets`` object holds what the application registered (handlers and
+hooks); this object holds what one app runs with.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from typing import TYPE_CHECKING, Any
+
+import gevent
+from flask import Flask
+
+from . import protocol
+from .backends import Backend, create_backend
+from .channels import Channel, Hub
+from .errors import Forbidden, ProtocolError, PublishError
+from .message import Message
+from .tickets import TicketSigner
+
+if TYPE_CHECKING:
+    from .connection import Connection
+    from .extension import RobeSockets
+
+log = logging.getLogger("flask_robe_sockets")
+
+
+class SocketServer:
+    def __init__(self, app: Flask, extension: "RobeSockets", config: dict[str, Any]) -> None:
+        self.app = app
+        self.extension = extension
+        self.config = config
+        url = config["ROBE_SOCKETS_BACKEND_URL"] or config["ROBE_SOCKETS_REDIS_URL"] or "memory://"
+        self.backend: Backend = create_backend(
+            url,
+            history_size=config["ROBE_SOCKETS_HISTORY_SIZE"],
+            history_ttl=config["ROBE_SOCKETS_HISTORY_TTL"],
+        )
+        self.hub = Hub(self.backend.subscribe, self.backend.unsubscribe)
+        self.backend.start(self.hub.deliver)
+        keys = [*(app.config.get("SECRET_KEY_FALLBACKS") or []), app.secret_key]
+        self.tickets = TicketSigner(
+            [key for key in keys if key],
+            max_age=config["ROBE_SOCKETS_TICKET_MAX_AGE"],
+            bind_ip=config["ROBE_SOCKETS_TICKET_BIND_IP"],
+            claim_nonce=self.backend.claim_nonce,
+        ) if app.secret_key else None
+        #: Open connections of this worker, and handshakes under way.
+        self.connections: set[Connection] = set()
+        self.slots = 0
+        self._shutdown_hooked_pid: int | None = None
+
+    # -- publishing ------------------------------------------------------
+
+    def channel(self, name: str) -> Channel:
+        return Channel(name, self.publish)
+
+    def publish(self, channel: str, event: str, data: Any) -> int:
+        try:
+            protocol.dumps(data)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"data for {channel!r}/{event!r} is not JSON: {exc}") from None
+        return self.backend.publish(channel, event, data)
+
+    # -- connection lifecycle --------------------------------------------
+
+    def connected(self, conn: "Connection") -> None:
+        self._hook_shutdown()
+        self.connections.add(conn)
+        conn.push(protocol.ws_frame(protocol.encode(
+            protocol.CONNECTED, {"id": conn.id, "protocol": protocol.VERSION}
+        )))
+        self._run_hooks(self.extension._connect_hooks, conn)
+
+    def forget(self, conn: "Connection") -> None:
+        """Drop ``conn`` from every channel at once; safe to call again."""
+        for channel in tuple(conn._channels):
+            self.hub.leave(conn, channel)
+        conn._channels.clear()
+
+    def disconnected(self, conn: "Connection") -> None:
+        if conn in self.connections:
+            self.connections.discard(conn)
+            self._run_hooks(self.extension._disconnect_hooks, conn)
+
+    def _run_hooks(self, hooks: list, conn: "Connection") -> None:
+        for hook in hooks:
+            try:
+                with self.app.app_context():
+                    hook(conn)
+            except Exception:
+                log.exception("%s hook %r failed for %s", "connect/disconnect", hook, conn)
+
+    def shutdown(self) -> None:
+        """Close every socket with 1001, e.g. when the worker is stopping."""
+        for conn in tuple(self.connections):
+            conn.close(protocol.CLOSE_GOING_AWAY, "server shutting down")
+
+    def _hook_shutdown(self) -> None:
+        """Close sockets with 1001 on SIGTERM, before gunicorn's graceful wait.
+
+        gunicorn calls no application hook when a worker is told to stop, and
+        a WebSocket is one long request it would otherwise wait out. The
+        handler is installed on the first connection, in the worker process
+        itself (after gunicorn set its own handlers), and chains to them.
+        """
+        pid = os.getpid()
+        if self._shutdown_hooked_pid == pid:
+            return
+        self._shutdown_hooked_pid = pid
+        try:
+            previous = signal.getsignal(signal.SIGTERM)
+        except ValueError:  # not the main thread: nothing to chain to
+            return
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            gevent.spawn(self.shutdown)
+            if callable(previous):
+                previous(signum, frame)
+
+        try:
+            signal.signal(signal.SIGTERM, on_sigterm)
+        except ValueError:
+            pass
+
+    # -- frames from clients ---------------------------------------------
+
+    def answer_error(
+        self,
+        conn: "Connection",
+        code: str,
+        message: str,
+        ref: Any = None,
+        channel: str | None = None,
+    ) -> None:
+        conn.push(protocol.ws_frame(protocol.encode(
+            protocol.ERROR, protocol.error_payload(code, message), channel, ref
+        )))
+
+    def answer_rate_limited(self, conn: "Connection", text: str | None) -> None:
+        ref = channel = None
+        if text is not None:
+            try:
+                frame = protocol.parse_frame(text)
+                ref, channel = frame.ref, frame.channel
+            except ProtocolError as exc:
+                ref, channel = exc.ref, exc.channel
+        self.answer_error(conn, "rate_limited", "slow down: too many frames", ref, channel)
+
+    def handle_text(self, conn: "Connection", text: str) -> None:
+        try:
+            frame = protocol.parse_frame(text)
+        except ProtocolError as exc:
+            self.answer_error(conn, exc.code, exc.message, exc.ref, exc.channel)
+            return
+        event = frame.event
+        if event == protocol.PING:
+            conn.push(protocol.ws_frame(
+                protocol.encode(protocol.PONG, frame.data, frame.channel, frame.ref)
+            ))
+        elif event == protocol.SUBSCRIBE:
+            self.subscribe(conn, frame)
+        elif event == protocol.UNSUBSCRIBE:
+            self.unsubscribe(conn, frame)
+        else:
+            self.dispatch(conn, frame)
+
+    def _allowed(self, conn: "Connection", channel: str) -> bool:
+        hook = self.extension._authorize_hook
+        if hook is None:
+            return True
+        with self.app.app_context():
+            return bool(hook(conn, channel))
+
+    def subscribe(self, conn: "Connection", frame: protocol.Frame) -> None:
+        channel, ref = frame.channel, frame.ref
+        since, epoch = _since(frame.data)
+        try:
+            allowed = self._allowed(conn, channel)
+        except Exception:
+            log.exception("authorize hook failed for %s on %r", conn, channel)
+            self.answer_error(conn, "handler_error", "the server could not authorize this", ref, channel)
+            return
+        if not allowed:
+            self.answer_error(conn, "forbidden", f"not allowed on channel {channel!r}", ref, channel)
+            return
+        rejoin = channel in conn._channels
+        if not rejoin and len(conn._channels) >= self.config["ROBE_SOCKETS_MAX_SUBSCRIPTIONS"]:
+            self.answer_error(
+                conn, "too_many_subscriptions",
+                f"at most {self.config['ROBE_SOCKETS_MAX_SUBSCRIPTIONS']} channels per connection",
+                ref, channel,
+            )
+            return
+        if not rejoin:
+            conn._channels.add(channel)
+            self.hub.begin_join(conn, channel)
+        try:
+            # Already a member: broadcasts keep arriving once, so nothing is
+            # replayed; the client only gets its answer again.
+            recovery = self.backend.recover(channel, None if rejoin else since, epoch)
+        except PublishError as exc:
+            conn._channels.discard(channel)
+            self.hub.leave(conn, channel)
+            log.warning("cannot subscribe %s to %r: %s", conn, channel, exc)
+            self.answer_error(conn, "handler_error", "the server cannot reach its backend", ref, channel)
+            return
+        conn.push(protocol.ws_frame(protocol.encode(
+            protocol.SUBSCRIBED,
+            {"recovered": recovery.recovered, "seq": recovery.seq, "epoch": recovery.epoch},
+            channel, ref,
+        )))
+        for _, replayed in recovery.frames:
+            conn.push(replayed)
+        if not rejoin:
+            self.hub.end_join(conn, channel, recovery.seq)
+
+    def unsubscribe(self, conn: "Connection", frame: protocol.Frame) -> None:
+        if frame.channel in conn._channels:
+            conn._channels.discard(frame.channel)
+            self.hub.leave(conn, frame.channel)
+        conn.push(protocol.ws_frame(
+            protocol.encode(protocol.UNSUBSCRIBED, None, frame.channel, frame.ref)
+        ))
+
+    def dispatch(self, conn: "Connection", frame: protocol.Frame) -> None:
+        channel, ref = frame.channel, frame.ref
+        handlers = self.extension._handlers_for(channel, frame.event)
+        result = None
+        try:
+            if not self._allowed(conn, channel):
+                raise Forbidden(f"not allowed on channel {channel!r}")
+            if not handlers:
+                self.answer_error(
+                    conn, "unknown_event",
+                    f"no handler for event {frame.event!r} on channel {channel!r}", ref, channel,
+                )
+                return
+            message = Message(channel, frame.event, frame.data, ref)
+            with self.app.app_context():
+                for handler in handlers:
+                    value = handler(message, conn)
+                    if result is None:
+                        result = value
+            # Encoded inside the try: a handler may have returned non-JSON.
+            reply = protocol.encode(protocol.REPLY, result, channel, ref) if ref is not None else None
+        except Forbidden as exc:
+            self.answer_error(conn, "forbidden", exc.message, ref, channel)
+            return
+        except Exception:
+            log.exception("handler for %r on %r failed", frame.event, channel)
+            self.answer_error(conn, "handler_error", "the handler failed", ref, channel)
+            return
+        if reply is not None:
+            conn.push(protocol.ws_frame(reply))
+
+
+def _since(data: Any) -> tuple[int | None, str | None]:
+    """``since`` and ``epoch`` of a ``@subscribe``; unusable values count as absent."""
+    if not isinstance(data, dict):
+        return None, None
+    since = data.get("since")
+    epoch = data.get("epoch")
+    if not isinstance(since, int) or isinstance(since, bool) or since < 0:
+        since = None
+    if not isinstance(epoch, str):
+        epoch = None
+    return since, epoch

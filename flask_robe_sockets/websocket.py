@@ -1,0 +1,110 @@
+"""The server side of one WebSocket, on simple-websocket and wsproto.
+
+``simple_websocket.Server`` finds the client socket in the WSGI environ of
+every server we run under and completes the upgrade; this subclass keeps
+that and replaces the rest, which does not hold up in production:
+
+- every write goes through ``sendall`` (simple-websocket uses ``send``, which
+  under gevent may write part of a frame and lose the rest);
+- incoming messages are handed to a callback as they are read instead of
+  piling up in an unbounded list, so limits act where frames are read;
+- the reader never writes: replies such as pongs are handed to the
+  connection's writer, which alone owns the socket for writing;
+- permessage-deflate is not negotiated: it would cost CPU per connection
+  and lets a small frame inflate to any size before the size check.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import simple_websocket
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    Request,
+    TextMessage,
+)
+from wsproto.utilities import LocalProtocolError
+
+from . import protocol
+
+
+class ServerSocket(simple_websocket.Server):
+    """One accepted WebSocket whose frames are passed to ``listener``.
+
+    ``listener`` is the :class:`~flask_robe_sockets.connection.Connection`;
+    it gets ``on_text(str)``, ``on_binary()``, ``on_control(bytes)`` for
+    frames to write back, ``on_close(code)`` and ``on_activity()``.
+    """
+
+    def __init__(
+        self,
+        environ: dict,
+        listener: object,
+        max_message_size: int,
+        thread_class: Callable | None = None,
+    ) -> None:
+        self.listener = listener
+        self.accepted = False
+        # The reader thread starts inside super().__init__ and needs these.
+        super().__init__(
+            environ,
+            receive_bytes=65536,
+            max_message_size=max_message_size,
+            thread_class=thread_class,
+        )
+
+    def _write_handshake(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _thread(self) -> None:
+        listener = self.listener
+        try:
+            while self.connected:
+                data = self.sock.recv(self.receive_bytes)
+                if not data:
+                    break
+                listener.on_activity()
+                self.ws.receive_data(data)
+                self.connected = self._handle_events()
+        except (OSError, LocalProtocolError):
+            pass
+        finally:
+            self.connected = False
+            listener.on_reader_done()
+
+    def _handle_events(self) -> bool:
+        listener = self.listener
+        for event in self.ws.events():
+            if isinstance(event, (TextMessage, BytesMessage)):
+                self.incoming_message_len += len(event.data)
+                if self.incoming_message_len > self.max_message_size:
+                    listener.close(protocol.CLOSE_TOO_BIG, "message too big")
+                    return False
+                if event.message_finished:
+                    chunks = self.incoming_message
+                    self.incoming_message = None
+                    self.incoming_message_len = 0
+                    if isinstance(event, BytesMessage):
+                        listener.on_binary()
+                    elif chunks is None:
+                        listener.on_text(event.data)
+                    else:
+                        chunks.append(event.data)
+                        listener.on_text("".join(chunks))
+                elif self.incoming_message is None:
+                    self.incoming_message = [event.data]
+                else:
+                    self.incoming_message.append(event.data)
+            elif isinstance(event, Ping):
+                listener.on_control(self.ws.send(event.response()))
+            elif isinstance(event, CloseConnection):
+                self.close_reason = event.code
+                listener.on_close(event.code)
+                return False
+            elif isinstance(event, Request):
+                self._write_handshake(self.ws.send(AcceptConnection()))
+                self.accepted = True
+        return True

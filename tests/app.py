@@ -1,0 +1,108 @@
+"""The application the end-to-end tests run under gunicorn.
+
+``create_app()`` reads extra Flask config from the ``ROBE_TEST_CONFIG``
+environment variable (JSON), so each test server can be set up differently
+without another module.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from flask import Flask, jsonify, request, session
+
+from flask_robe_sockets import Forbidden, RobeSockets
+
+sockets = RobeSockets()
+
+
+def create_app() -> Flask:
+    app = Flask(__name__)
+    app.secret_key = "test secret"
+    app.config.update(json.loads(os.environ.get("ROBE_TEST_CONFIG", "{}")))
+    if isinstance(app.config.get("ROBE_SOCKETS_RATE_LIMIT"), list):
+        app.config["ROBE_SOCKETS_RATE_LIMIT"] = tuple(app.config["ROBE_SOCKETS_RATE_LIMIT"])
+    sockets.init_app(app)
+
+    @app.post("/login")
+    def login():
+        """Sign in as the name given: the identity loader reads it back."""
+        session["user"] = request.form["user"]
+        return jsonify(user=session["user"])
+
+    @app.post("/broadcast/<channel>/<event>")
+    def broadcast(channel, event):
+        """Lets tests publish from an HTTP request, as a view would."""
+        seq = sockets[channel].send(event, request.get_json())
+        return jsonify(seq=seq)
+
+    @app.get("/stats")
+    def stats():
+        server = app.extensions["robe_sockets"]
+        return jsonify(
+            connections=len(server.connections),
+            slots=server.slots,
+            channels=sorted(server.hub.members),
+            pid=os.getpid(),
+        )
+
+    return app
+
+
+@sockets.identity_loader
+def load_identity():
+    # Anonymous callers still get a ticket (identity "anonymous"): the tests
+    # of refusal use the /login flow for named users.
+    return session.get("user", "anonymous")
+
+
+@sockets.authorize
+def authorize(connection, channel):
+    if channel.startswith("user:"):
+        return channel == f"user:{connection.identity}"
+    return channel != "closed"
+
+
+@sockets.on("echo", channel="chat")
+def echo(message, connection):
+    return {"echo": message.data}
+
+
+@sockets.on("say", channel="chat")
+def say(message, connection):
+    sockets["chat"].send("said", message.data)
+
+
+@sockets.on("first", channel="chat")
+def first_none(message, connection):
+    return None
+
+
+@sockets.on("first", channel="chat")
+def first_value(message, connection):
+    return "second handler"
+
+
+@sockets.on("first", channel="chat")
+def first_ignored(message, connection):
+    return "third handler"
+
+
+@sockets.on("boom", channel="chat")
+def boom(message, connection):
+    raise RuntimeError("internal detail that must not leak")
+
+
+@sockets.on("deny", channel="chat")
+def deny(message, connection):
+    raise Forbidden("no, you may not")
+
+
+@sockets.on("whoami", channel="room:*")
+def whoami(message, connection):
+    return {"identity": connection.identity, "channel": message.channel, "id": connection.id}
+
+
+@sockets.on("direct", channel="chat")
+def direct(message, connection):
+    connection.send("direct", {"to": connection.id})
