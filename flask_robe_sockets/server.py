@@ -59,10 +59,8 @@ class SocketServer:
         return Channel(name, self.publish)
 
     def publish(self, channel: str, event: str, data: Any) -> int:
-        try:
-            protocol.dumps(data)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"data for {channel!r}/{event!r} is not JSON: {exc}") from None
+        # Data that is not JSON raises TypeError or ValueError from the
+        # backend's one encoding of the frame, before anything is sent.
         return self.backend.publish(channel, event, data)
 
     # -- connection lifecycle --------------------------------------------
