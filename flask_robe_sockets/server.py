@@ -56,12 +56,9 @@ class SocketServer:
     # -- publishing ------------------------------------------------------
 
     def channel(self, name: str) -> Channel:
-        return Channel(name, self.publish)
-
-    def publish(self, channel: str, event: str, data: Any) -> int:
         # Data that is not JSON raises TypeError or ValueError from the
         # backend's one encoding of the frame, before anything is sent.
-        return self.backend.publish(channel, event, data)
+        return Channel(name, self.backend.publish)
 
     # -- connection lifecycle --------------------------------------------
 
