@@ -6,14 +6,26 @@ without another module.
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
+import time
 
+import greenlet
 from flask import Flask, jsonify, request, session
 
-from flask_robe_sockets import Forbidden, RobeSockets
+from flask_robe_sockets import Connection, Forbidden, RobeSockets
 
 sockets = RobeSockets()
+
+#: Calls of the on_disconnect hook per connection id: each must be 1.
+DISCONNECTS: dict[str, int] = {}
+
+
+def _rss() -> int:
+    """Resident memory of this worker in bytes."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def create_app() -> Flask:
@@ -36,15 +48,36 @@ def create_app() -> Flask:
         seq = sockets[channel].send(event, request.get_json())
         return jsonify(seq=seq)
 
+    @app.post("/burst/<channel>/<event>")
+    def burst(channel, event):
+        """Publish ``count`` broadcasts of ``size`` bytes in one go; says how long it took."""
+        count, size = request.args.get("count", 100, int), request.args.get("size", 10, int)
+        started = time.perf_counter()
+        for i in range(count):
+            seq = sockets[channel].send(event, {"i": i, "pad": "x" * size})
+        return jsonify(seq=seq, seconds=time.perf_counter() - started)
+
     @app.get("/stats")
     def stats():
+        """What leak tests compare; ``?gc=1`` adds live object counts (slow)."""
         server = app.extensions["robe_sockets"]
-        return jsonify(
+        result = dict(
             connections=len(server.connections),
             slots=server.slots,
             channels=sorted(server.hub.members),
+            joining=sorted(server.hub._joining),
+            histories=len(getattr(server.backend, "_histories", ())),
             pid=os.getpid(),
+            rss=_rss(),
+            disconnects=sum(DISCONNECTS.values()),
+            disconnected_twice=sorted(i for i, n in DISCONNECTS.items() if n > 1),
         )
+        if request.args.get("gc"):
+            gc.collect()
+            objects = gc.get_objects()
+            result["greenlets"] = sum(isinstance(o, greenlet.greenlet) for o in objects)
+            result["connection_objects"] = sum(isinstance(o, Connection) for o in objects)
+        return jsonify(result)
 
     return app
 
@@ -106,3 +139,8 @@ def whoami(message, connection):
 @sockets.on("direct", channel="chat")
 def direct(message, connection):
     connection.send("direct", {"to": connection.id})
+
+
+@sockets.on_disconnect
+def count_disconnect(connection):
+    DISCONNECTS[connection.id] = DISCONNECTS.get(connection.id, 0) + 1
