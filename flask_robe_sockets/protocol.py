@@ -33,6 +33,7 @@ CLIENT_REQUESTS = frozenset({SUBSCRIBE, UNSUBSCRIBE, PING})
 MAX_DEPTH = 64
 
 _CHANNEL_RE = re.compile(r"[A-Za-z0-9_\-.:/]{1,128}")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 # Close codes (PROTOCOL.md section 5).
 CLOSE_NORMAL = 1000
@@ -91,7 +92,8 @@ def _too_deep(value: Any) -> bool:
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        if depth > MAX_DEPTH:
+        # Only arrays and objects are levels: a scalar inside the 64th is fine.
+        if depth > MAX_DEPTH and isinstance(item, (dict, list)):
             return True
         if isinstance(item, dict):
             stack.extend((child, depth + 1) for child in item.values())
@@ -113,6 +115,13 @@ def loads(text: str) -> Any:
     # Counting brackets first keeps the depth walk off the common path.
     if text.count("[") + text.count("{") > MAX_DEPTH and _too_deep(value):
         raise ValueError(f"nesting deeper than {MAX_DEPTH} levels")
+    # An escaped lone surrogate ("\\ud800") decodes to a string that has no
+    # UTF-8 form: echoing it back would fail, so it is refused here.
+    if _SURROGATE_ESCAPE.search(text):
+        try:
+            dumps(value).encode()
+        except UnicodeEncodeError:
+            raise ValueError("a string holds a lone surrogate: not Unicode text") from None
     return value
 
 
@@ -213,8 +222,11 @@ def ws_frame(payload: bytes, opcode: int = 0x1) -> bytes:
 
 
 def close_frame(code: int, reason: str = "") -> bytes:
-    """A ready-to-write close frame."""
-    return ws_frame(struct.pack("!H", code) + reason.encode()[:123], opcode=0x8)
+    """A ready-to-write close frame; the reason is cut to fit, on a character boundary."""
+    # A control frame holds 125 bytes; cutting inside a UTF-8 sequence would
+    # make the reason invalid, and the client fail the connection on it.
+    reason_bytes = reason.encode()[:123].decode(errors="ignore").encode()
+    return ws_frame(struct.pack("!H", code) + reason_bytes, opcode=0x8)
 
 
 PING_FRAME = ws_frame(b"", opcode=0x9)
