@@ -1,0 +1,207 @@
+"""Tickets apart from any server: signing, refusals, single use (PROTOCOL.md section 1)."""
+from __future__ import annotations
+
+import pytest
+from itsdangerous import URLSafeTimedSerializer
+
+from flask_robe_sockets.backends import memory
+from flask_robe_sockets.backends.memory import MemoryBackend
+from flask_robe_sockets.errors import ConfigurationError, TicketError
+from flask_robe_sockets.tickets import SALT, TicketSigner
+
+IP = "127.0.0.1"
+
+
+class Clock:
+    """A stand-in for the ``time`` module whose clocks move only when told."""
+
+    def __init__(self, start: float = 1_000_000.0) -> None:
+        self.now = start
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """Freeze the clocks that itsdangerous and the memory backend read."""
+    fake = Clock()
+    monkeypatch.setattr("itsdangerous.timed.time", fake)
+    monkeypatch.setattr(memory, "time", fake)
+    return fake
+
+
+def make_signer(keys=("secret",), max_age=30, bind_ip=True, backend=None) -> TicketSigner:
+    backend = backend or MemoryBackend()
+    return TicketSigner(list(keys), max_age=max_age, bind_ip=bind_ip, claim_nonce=backend.claim_nonce)
+
+
+def refusal(signer: TicketSigner, ticket: str, ip: str = IP) -> str:
+    with pytest.raises(TicketError) as info:
+        signer.verify(ticket, ip)
+    assert info.value.message
+    return info.value.code
+
+
+@pytest.mark.parametrize("identity", ["alice", 42, {"id": 7, "roles": ["admin"]}, None])
+def test_issue_then_verify_returns_the_identity(identity):
+    """A fresh ticket verifies once and gives back the identity it was issued for."""
+    signer = make_signer()
+    assert signer.verify(signer.issue(identity, IP), IP) == identity
+
+
+def test_tickets_are_opaque_url_safe_and_unique():
+    """Two tickets for the same caller differ (their nonces do) and fit in a URL."""
+    signer = make_signer()
+    first, second = signer.issue("alice", IP), signer.issue("alice", IP)
+    assert first != second
+    assert "alice" not in first
+    assert all(c.isalnum() or c in "-_." for c in first)
+
+
+def test_ticket_is_single_use():
+    """A ticket that passed verification is refused the second time as ``ticket_used``."""
+    signer = make_signer()
+    ticket = signer.issue("alice", IP)
+    signer.verify(ticket, IP)
+    assert refusal(signer, ticket) == "ticket_used"
+
+
+def test_expired_ticket(clock):
+    """A ticket older than ``max_age`` is ``ticket_expired``, and a fresh one still works."""
+    signer = make_signer(max_age=30)
+    ticket = signer.issue("alice", IP)
+    clock.now += 31
+    assert refusal(signer, ticket) == "ticket_expired"
+    assert signer.verify(signer.issue("alice", IP), IP) == "alice"
+
+
+def test_ticket_valid_up_to_its_max_age(clock):
+    """A ticket is still good exactly ``max_age`` seconds after issue."""
+    signer = make_signer(max_age=30)
+    ticket = signer.issue("alice", IP)
+    clock.now += 30
+    assert signer.verify(ticket, IP) == "alice"
+
+
+def test_expired_ticket_is_not_marked_used(clock):
+    """Only a ticket that passes verification is used up: an expired one reports expiry again."""
+    signer = make_signer(max_age=30)
+    ticket = signer.issue("alice", IP)
+    clock.now += 31
+    assert refusal(signer, ticket) == "ticket_expired"
+    assert refusal(signer, ticket) == "ticket_expired"
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda t: t[:-1] + ("A" if t[-1] != "A" else "B"),  # signature changed
+        lambda t: t[: len(t) // 2],  # truncated
+        lambda t: "x" + t,  # payload changed
+        lambda t: "",
+        lambda t: "not a ticket",
+        lambda t: "a.b.c",
+        lambda t: t.replace(".", ""),
+    ],
+)
+def test_forged_or_malformed_ticket_is_invalid(mangle):
+    """Any change to a ticket, or garbage, is ``ticket_invalid``."""
+    signer = make_signer()
+    assert refusal(signer, mangle(signer.issue("alice", IP))) == "ticket_invalid"
+
+
+def test_ticket_of_another_secret_is_invalid():
+    """A ticket signed with another app's secret is ``ticket_invalid``."""
+    other = make_signer(keys=["other secret"])
+    assert refusal(make_signer(), other.issue("alice", IP)) == "ticket_invalid"
+
+
+def test_ticket_of_another_salt_is_invalid():
+    """A token signed with the same secret for another purpose is ``ticket_invalid``."""
+    forged = URLSafeTimedSerializer("secret", salt="itsdangerous").dumps({"i": "root", "a": IP, "n": "x"})
+    assert refusal(make_signer(), forged) == "ticket_invalid"
+
+
+def test_genuinely_signed_payload_without_nonce_is_invalid():
+    """A correctly signed token that is not shaped like a ticket is ``ticket_invalid``."""
+    serializer = URLSafeTimedSerializer("secret", salt=SALT)
+    for payload in ({"i": "alice", "a": IP}, ["alice"], "alice", {"i": "a", "a": IP, "n": 5}):
+        assert refusal(make_signer(), serializer.dumps(payload)) == "ticket_invalid"
+
+
+def test_ticket_from_another_ip_is_wrong_ip():
+    """With IP binding on, a ticket presented from another address is ``ticket_wrong_ip``."""
+    signer = make_signer()
+    assert refusal(signer, signer.issue("alice", IP), "127.0.0.2") == "ticket_wrong_ip"
+
+
+def test_wrong_ip_burns_the_ticket():
+    """A ticket seen from another address has leaked: it is used up (used is checked first)."""
+    signer = make_signer()
+    ticket = signer.issue("alice", IP)
+    assert refusal(signer, ticket, "10.0.0.9") == "ticket_wrong_ip"
+    assert refusal(signer, ticket, IP) == "ticket_used"
+
+
+def test_ip_binding_off_accepts_any_address():
+    """With IP binding off, the address a ticket is presented from does not matter."""
+    signer = make_signer(bind_ip=False)
+    assert signer.verify(signer.issue("alice", IP), "10.1.2.3") == "alice"
+
+
+def test_secret_key_rotation():
+    """Tickets signed with a fallback key still verify; new ones use the newest key."""
+    old = make_signer(keys=["old"])
+    backend = MemoryBackend()
+    rotated = make_signer(keys=["old", "new"], backend=backend)
+    assert rotated.verify(old.issue("alice", IP), IP) == "alice"
+    fresh = rotated.issue("bob", IP)
+    assert make_signer(keys=["new"]).verify(fresh, IP) == "bob"
+    assert refusal(make_signer(keys=["old"]), fresh) == "ticket_invalid"
+
+
+def test_used_nonce_is_shared_through_the_backend():
+    """Two signers on one backend (two workers, one store) refuse each other's used tickets."""
+    backend = MemoryBackend()
+    first, second = make_signer(backend=backend), make_signer(backend=backend)
+    ticket = first.issue("alice", IP)
+    first.verify(ticket, IP)
+    assert refusal(second, ticket) == "ticket_used"
+
+
+@pytest.mark.parametrize("identity", [object(), {1, 2}, b"bytes", float("nan"), {"x": float("inf")}])
+def test_non_json_identity_is_a_clear_error_at_issue(identity):
+    """An identity that is not JSON fails when the ticket is issued, saying what to return."""
+    with pytest.raises(ConfigurationError, match="not JSON.*str, int or dict"):
+        make_signer().issue(identity, IP)
+
+
+def test_no_secret_key_is_a_configuration_error():
+    """Without a secret key tickets cannot be signed: the error says to set one."""
+    with pytest.raises(ConfigurationError, match="SECRET_KEY"):
+        make_signer(keys=[])
+
+
+def test_claim_nonce_once_until_it_expires(clock):
+    """A nonce is claimed once; after its lifetime it is forgotten."""
+    backend = MemoryBackend()
+    assert backend.claim_nonce("n", 10)
+    assert not backend.claim_nonce("n", 10)
+    clock.now += 10.5
+    assert backend.claim_nonce("n", 10)
+
+
+def test_nonce_memory_stays_bounded(clock):
+    """Under a steady stream of tickets, expired nonces are dropped: memory stays bounded."""
+    backend = MemoryBackend()
+    largest = 0
+    for i in range(20_000):
+        clock.now += 0.01  # 100 tickets a second, each remembered for 5 s
+        assert backend.claim_nonce(f"nonce-{i}", 5)
+        largest = max(largest, len(backend._nonces))
+    # 500 are live at any moment; sweeps run once the store passes 1,000.
+    assert largest <= 1_200
