@@ -12,7 +12,7 @@ import os
 import time
 
 import greenlet
-from flask import Flask, jsonify, request, session
+from flask import Flask, current_app, jsonify, request, session
 
 from flask_robe_sockets import Connection, Forbidden, RobeSockets
 
@@ -85,7 +85,10 @@ def create_app() -> Flask:
 @sockets.identity_loader
 def load_identity():
     # Anonymous callers still get a ticket (identity "anonymous"): the tests
-    # of refusal use the /login flow for named users.
+    # of refusal use the /login flow for named users. TEST_LOGIN_REQUIRED
+    # makes them get 401 instead.
+    if current_app.config.get("TEST_LOGIN_REQUIRED"):
+        return session.get("user")
     return session.get("user", "anonymous")
 
 
@@ -139,6 +142,52 @@ def whoami(message, connection):
 @sockets.on("direct", channel="chat")
 def direct(message, connection):
     connection.send("direct", {"to": connection.id})
+
+
+@sockets.on("direct_channel", channel="chat")
+def direct_channel(message, connection):
+    connection.send("direct", {"to": connection.id}, channel="chat")
+
+
+@sockets.on("order", channel="chat")
+def order_a(message, connection):
+    connection.metadata["order"] = ["a"]
+
+
+@sockets.on("order", channel="chat")
+def order_b(message, connection):
+    connection.metadata["order"].append("b")
+
+
+@sockets.on("order", channel="chat")
+def order_c(message, connection):
+    connection.metadata["order"].append("c")
+    return connection.metadata["order"]
+
+
+@sockets.on("late_boom", channel="chat")
+def late_boom_fine(message, connection):
+    return "fine"
+
+
+@sockets.on("late_boom", channel="chat")
+def late_boom_raise(message, connection):
+    raise KeyError("internal detail that must not leak")
+
+
+@sockets.on("late_deny", channel="chat")
+def late_deny_fine(message, connection):
+    return "fine"
+
+
+@sockets.on("late_deny", channel="chat")
+def late_deny_raise(message, connection):
+    raise Forbidden("not after all")
+
+
+@sockets.on("not_json", channel="chat")
+def not_json(message, connection):
+    return {"a set is not JSON"}
 
 
 @sockets.on_disconnect
