@@ -1,0 +1,282 @@
+// Unit tests of the browser client's own logic, with a fake WebSocket and a
+// fake fetch: run with `node --test tests/js/` (tests/test_client_js.py does).
+import assert from "node:assert/strict";
+import { afterEach, test } from "node:test";
+
+import { backoffDelay, Client, RobeSocketsError } from "../../flask_robe_sockets/static/client.js";
+
+class FakeSocket {
+  static all = [];
+
+  constructor(url) {
+    this.url = url;
+    this.sent = [];
+    this.closedWith = null;
+    FakeSocket.all.push(this);
+  }
+
+  send(text) {
+    this.sent.push(JSON.parse(text));
+  }
+
+  close(code) {
+    this.closedWith = code ?? 1005;
+  }
+
+  // What the server would do:
+  accept(id = "c1") {
+    this.onopen?.();
+    this.receive({ event: "@connected", data: { id, protocol: 1 } });
+  }
+
+  receive(frame) {
+    this.onmessage?.({ data: JSON.stringify(frame) });
+  }
+
+  drop(code = 1006, reason = "") {
+    this.onclose?.({ code, reason });
+  }
+
+  last(event) {
+    return this.sent.findLast((frame) => frame.event === event);
+  }
+}
+
+let tickets = 0;
+const clients = [];
+
+async function fakeFetch(url, init) {
+  assert.equal(init.method, "POST");
+  assert.equal(init.credentials, "include");
+  tickets += 1;
+  return { ok: true, status: 200, json: async () => ({ ticket: `t${tickets}`, expires_in: 30 }) };
+}
+
+function makeClient(options = {}) {
+  const client = new Client({
+    url: "ws://example.test/ops",
+    WebSocket: FakeSocket,
+    fetch: fakeFetch,
+    reconnectDelay: 1,
+    maxReconnectDelay: 4,
+    ...options,
+  });
+  clients.push(client);
+  return client;
+}
+
+async function until(predicate, what = "condition", timeout = 2000) {
+  const deadline = Date.now() + timeout;
+  while (!predicate()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 1));
+  }
+}
+
+const socketNumber = (n) => until(() => FakeSocket.all.length >= n, `socket ${n}`).then(() => FakeSocket.all[n - 1]);
+
+afterEach(() => {
+  for (const client of clients.splice(0)) client.close();
+  FakeSocket.all = [];
+});
+
+test("backoff doubles from the initial delay up to the cap, with full jitter", () => {
+  const top = (attempt) => backoffDelay(attempt, 500, 30000, () => 1);
+  assert.deepEqual([0, 1, 2, 3, 6, 7, 20].map(top), [500, 1000, 2000, 4000, 30000, 30000, 30000]);
+  assert.equal(backoffDelay(5, 500, 30000, () => 0), 0);
+  assert.equal(backoffDelay(2, 500, 30000, () => 0.5), 1000);
+});
+
+test("every connect uses a fresh ticket and resubscribes with since and epoch", async () => {
+  const client = makeClient();
+  const chat = client.subscribe("chat");
+  assert.equal(client.subscribe("chat"), chat, "the same object for the same name");
+  const events = [];
+  client.on("connect", ({ id }) => events.push(`connect ${id}`));
+  client.on("disconnect", ({ code }) => events.push(`disconnect ${code}`));
+  const subscribed = [];
+  chat.on("subscribed", (info) => subscribed.push(info));
+  const messages = [];
+  chat.on("message", (m) => messages.push(m));
+
+  const first = await socketNumber(1);
+  assert.match(first.url, /^ws:\/\/example\.test\/ops\?ticket=t\d+$/);
+  first.accept("c1");
+  assert.deepEqual(first.sent, [{ channel: "chat", event: "@subscribe", ref: first.sent[0].ref }]);
+  first.receive({ channel: "chat", event: "@subscribed", ref: first.sent[0].ref, data: { recovered: false, seq: 4, epoch: "e1" } });
+  first.receive({ channel: "chat", event: "said", data: { text: "hi" }, seq: 5 });
+  assert.deepEqual(messages, [{ channel: "chat", event: "said", data: { text: "hi" }, seq: 5 }]);
+  assert.deepEqual(subscribed, [{ recovered: false, seq: 4, epoch: "e1" }]);
+
+  first.drop(1001, "server shutting down");
+  const second = await socketNumber(2);
+  assert.notEqual(second.url, first.url, "a ticket is never sent twice");
+  second.accept("c2");
+  assert.deepEqual(second.last("@subscribe").data, { since: 5, epoch: "e1" });
+  assert.deepEqual(events, ["connect c1", "disconnect 1001", "connect c2"]);
+});
+
+test("recovered subscriptions keep counting from the replay", async () => {
+  const client = makeClient();
+  const chat = client.subscribe("chat");
+  const ws = await socketNumber(1);
+  ws.accept();
+  ws.receive({ channel: "chat", event: "@subscribed", ref: ws.sent[0].ref, data: { recovered: true, seq: 9, epoch: "e1" } });
+  assert.equal(chat.lastSeq, 0, "the replay, not @subscribed, advances lastSeq");
+  ws.receive({ channel: "chat", event: "message", data: 1, seq: 8 });
+  ws.receive({ channel: "chat", event: "message", data: 2, seq: 9 });
+  assert.equal(chat.lastSeq, 9);
+  assert.equal(chat.subscribed, true);
+});
+
+test("send resolves with the reply and rejects with the error's code", async () => {
+  const client = makeClient();
+  const chat = client.subscribe("chat");
+  const ws = await socketNumber(1);
+  ws.accept();
+  const ok = chat.send("echo", { n: 1 });
+  const bad = chat.send("deny", null);
+  const [echo, deny] = ws.sent.filter((f) => !f.event.startsWith("@"));
+  assert.deepEqual({ ...echo, ref: 0 }, { channel: "chat", event: "echo", data: { n: 1 }, ref: 0 });
+  ws.receive({ channel: "chat", event: "@reply", ref: echo.ref, data: { echo: { n: 1 } } });
+  ws.receive({ channel: "chat", event: "@error", ref: deny.ref, data: { code: "forbidden", message: "no" } });
+  assert.deepEqual(await ok, { echo: { n: 1 } });
+  await assert.rejects(bad, (error) => error instanceof RobeSocketsError && error.code === "forbidden" && error.message === "no");
+  await assert.rejects(chat.send("@subscribe"), { code: "bad_event" });
+});
+
+test("sends wait while disconnected, up to the bound, and go out after connect", async () => {
+  const client = makeClient({ maxQueue: 2 });
+  const chat = client.subscribe("chat");
+  const a = chat.send("echo", "a");
+  const b = chat.send("echo", "b");
+  await assert.rejects(chat.send("echo", "c"), { code: "queue_full" });
+  const ws = await socketNumber(1);
+  ws.accept();
+  assert.deepEqual(ws.sent.map((f) => f.event), ["@subscribe", "echo", "echo"], "subscribes go first");
+  for (const frame of ws.sent.slice(1)) ws.receive({ channel: "chat", event: "@reply", ref: frame.ref, data: frame.data });
+  assert.deepEqual(await Promise.all([a, b]), ["a", "b"]);
+});
+
+test("a send times out, queued or unanswered, and a lost connection fails what was sent", async () => {
+  const client = makeClient();
+  const chat = client.subscribe("chat");
+  await assert.rejects(chat.send("echo", 1, { timeout: 5 }), { code: "timeout" });
+  const ws = await socketNumber(1);
+  ws.accept();
+  await assert.rejects(chat.send("echo", 2, { timeout: 5 }), { code: "timeout" });
+  const unanswered = chat.send("echo", 3);
+  ws.drop();
+  await assert.rejects(unanswered, { code: "disconnected" });
+});
+
+test("a silent socket is pinged, and one that stays silent is dropped and replaced", async () => {
+  const client = makeClient({ pingInterval: 20, pongTimeout: 20 });
+  const disconnects = [];
+  client.on("disconnect", (info) => disconnects.push(info));
+  const ws = await socketNumber(1);
+  ws.accept();
+  await until(() => ws.last("@ping"), "@ping");
+  assert.deepEqual(ws.last("@ping"), { event: "@ping" });
+  ws.receive({ event: "@pong" });
+  assert.equal(client.connected, true, "a @pong keeps it");
+  await until(() => disconnects.length === 1, "the dead connection to be dropped");
+  assert.deepEqual(disconnects, [{ code: 1006, reason: "no answer to @ping" }]);
+  assert.notEqual(ws.closedWith, null);
+  await socketNumber(2);
+});
+
+test("close() gives one disconnect, fails queued sends and never reconnects", async () => {
+  const client = makeClient();
+  const chat = client.subscribe("chat");
+  const disconnects = [];
+  client.on("disconnect", (info) => disconnects.push(info));
+  const ws = await socketNumber(1);
+  ws.accept();
+  const unanswered = chat.send("echo", 1);
+  client.close();
+  client.close();
+  await assert.rejects(unanswered, { code: "closed" });
+  assert.equal(ws.closedWith, 1000);
+  assert.deepEqual(disconnects, [{ code: 1000, reason: "closed by the client" }]);
+  await new Promise((resolve) => setTimeout(resolve, 20));
+  assert.equal(FakeSocket.all.length, 1);
+  await assert.rejects(chat.send("echo", 2), { code: "closed" });
+});
+
+test("a refused subscription reports forbidden and is not retried on reconnect", async () => {
+  const client = makeClient();
+  const secret = client.subscribe("user:alice");
+  const refusals = [];
+  secret.on("error", (error) => refusals.push(error.code));
+  const ws = await socketNumber(1);
+  ws.accept();
+  ws.receive({ channel: "user:alice", event: "@error", ref: ws.sent[0].ref, data: { code: "forbidden", message: "not allowed" } });
+  assert.deepEqual(refusals, ["forbidden"]);
+  ws.drop();
+  const next = await socketNumber(2);
+  next.accept();
+  assert.equal(next.last("@subscribe"), undefined);
+});
+
+test("named handlers get only their event; direct messages reach the client", async () => {
+  const client = makeClient();
+  const chat = client.subscribe("chat");
+  const said = [];
+  const all = [];
+  const direct = [];
+  chat.on("said", (m) => said.push(m.data));
+  chat.on("message", (m) => all.push(m.event));
+  client.on("message", (m) => direct.push(m));
+  const reported = [];
+  chat.on("said", () => {
+    throw new Error("a failing handler does not stop the others");
+  });
+  const ws = await socketNumber(1);
+  ws.accept();
+  const consoleError = console.error;
+  console.error = (error) => reported.push(error.message);
+  try {
+    ws.receive({ channel: "chat", event: "said", data: 1, seq: 1 });
+  } finally {
+    console.error = consoleError;
+  }
+  assert.deepEqual(reported, ["a failing handler does not stop the others"]);
+  ws.receive({ channel: "chat", event: "other", seq: 2 });
+  ws.receive({ event: "direct", data: { to: "c1" } });
+  client.unsubscribe("chat");
+  assert.equal(ws.last("@unsubscribe").channel, "chat");
+  ws.receive({ channel: "chat", event: "said", data: 3, seq: 3 });
+  assert.deepEqual(said, [1]);
+  assert.deepEqual(all, ["said", "other"]);
+  assert.deepEqual(direct, [{ channel: null, event: "direct", data: { to: "c1" }, seq: null }]);
+});
+
+test("a refused ticket is an error event, followed by another try", async () => {
+  let calls = 0;
+  const errors = [];
+  const client = makeClient({
+    fetch: async () => {
+      calls += 1;
+      return { ok: false, status: 401, json: async () => ({ error: "unauthorized" }) };
+    },
+  });
+  client.on("error", (error) => errors.push(error.code));
+  await until(() => calls >= 2, "a second ticket request");
+  assert.equal(errors[0], "unauthorized");
+  assert.equal(FakeSocket.all.length, 0);
+});
+
+test("the ticket URL is derived from the socket URL, in http(s)", async () => {
+  const urls = [];
+  makeClient({
+    url: "wss://example.test/live",
+    fetch: async (url) => {
+      urls.push(url);
+      return { ok: true, status: 200, json: async () => ({ ticket: "x" }) };
+    },
+  });
+  await socketNumber(1);
+  assert.deepEqual(urls, ["https://example.test/live/ticket"]);
+  assert.equal(FakeSocket.all[0].url, "wss://example.test/live?ticket=x");
+});
