@@ -11,6 +11,7 @@ import json
 import os
 import time
 
+import gevent
 import greenlet
 from flask import Flask, current_app, jsonify, request, session
 
@@ -50,11 +51,19 @@ def create_app() -> Flask:
 
     @app.post("/burst/<channel>/<event>")
     def burst(channel, event):
-        """Publish ``count`` broadcasts of ``size`` bytes in one go; says how long it took."""
+        """Publish ``count`` broadcasts of ``size`` bytes; says how long it took.
+
+        Sent in one go, a burst longer than a send queue overflows every
+        subscriber, since no writer runs before the view yields; ``yield=1``
+        lets the writers run after each message, as separate requests would.
+        """
         count, size = request.args.get("count", 100, int), request.args.get("size", 10, int)
+        pause = request.args.get("yield", 0, int)
         started = time.perf_counter()
         for i in range(count):
             seq = sockets[channel].send(event, {"i": i, "pad": "x" * size})
+            if pause:
+                gevent.sleep(0)
         return jsonify(seq=seq, seconds=time.perf_counter() - started)
 
     @app.get("/stats")
