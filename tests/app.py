@@ -74,6 +74,7 @@ def create_app() -> Flask:
             connections=len(server.connections),
             slots=server.slots,
             channels=sorted(server.hub.members),
+            members={name: len(conns) for name, conns in server.hub.members.items()},
             joining=sorted(server.hub._joining),
             histories=len(getattr(server.backend, "_histories", ())),
             pid=os.getpid(),
