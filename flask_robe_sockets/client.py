@@ -1,0 +1,817 @@
+"""A Python client for Robe Sockets channels.
+
+::
+
+    from flask_robe_sockets.client import Client
+
+    client = Client("ws://127.0.0.1:9292/ops", ticket_url="http://127.0.0.1:9292/ops/ticket")
+    chat = client.subscribe("chat")
+    chat.on("message", lambda message: print(message.data, message.seq))
+    reply = chat.send("message", {"text": "hi"}, timeout=5)
+    client.close()
+
+The client connects in the background as soon as it is built and keeps the
+connection up by itself: it fetches a fresh ticket before every connect,
+reconnects with exponential backoff and full jitter after any close it did
+not ask for, subscribes every channel again with the last ``seq`` and
+``epoch`` it saw so that the server replays what was missed, and keeps sends
+made while disconnected in a bounded queue.
+
+Two background threads do the work: one connects, reads and pings; the other
+runs the application's handlers, in order, so that a handler may itself call
+:meth:`Channel.send` and wait for the reply while frames keep being read.
+Threads, locks and events come from the ``threading`` module when the client
+is built, so after ``gevent.monkey.patch_all()`` they are greenlets.
+
+The WebSocket is driven with wsproto directly rather than through
+``simple_websocket.Client``, whose every part a reconnecting client would
+have to replace: it cannot bound the TCP connect, leaks its socket when the
+connect fails, spins on a connection closed during the handshake, drops the
+refusal's JSON body, leaves frames that came with the 101 unread, writes with
+``send`` (partial writes) and buffers every message in an unbounded list.
+
+Errors, all under :class:`~flask_robe_sockets.errors.RobeSocketsError`::
+
+    ClientError
+     +-- ReplyError       the server answered @error (has .code, .message)
+     +-- SendTimeout      no answer in time (also a TimeoutError)
+     +-- QueueFull        too many sends waiting for a connection
+     +-- ConnectionLost   sent, but the connection ended before the answer
+     +-- ClientClosed     the client was closed
+     +-- ConnectError     a connect attempt failed (given to "error" handlers)
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import queue
+import random
+import socket
+import ssl
+import threading
+from collections import defaultdict, deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+from urllib.parse import urlencode, urlsplit
+
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Event,
+    Ping,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
+)
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+
+from . import protocol
+from .errors import RobeSocketsError
+
+if TYPE_CHECKING:
+    import requests
+
+log = logging.getLogger("flask_robe_sockets.client")
+
+#: The close code reported when the connection ended without a close frame
+#: (RFC 6455 reserves it for exactly that; it never goes on the wire).
+CLOSE_ABNORMAL = 1006
+
+#: The channel event that reports the server's ``@subscribed``.
+SUBSCRIBED_EVENT = "subscribed"
+
+_CLIENT_EVENTS = ("connect", "disconnect", "error", "message")
+
+
+class ClientError(RobeSocketsError):
+    """Base class of the client's errors."""
+
+
+class ReplyError(ClientError):
+    """The server answered ``@error``.
+
+    :param code: the protocol's error code, e.g. ``"forbidden"``.
+    :param message: the server's explanation, for humans.
+    :param channel: the channel the refused frame was on.
+    """
+
+    def __init__(self, code: str, message: str, channel: str | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.channel = channel
+
+
+class SendTimeout(ClientError, TimeoutError):
+    """No answer came in time. The event may still reach the server later
+    if it was waiting for a connection; its answer is then ignored."""
+
+
+class QueueFull(ClientError):
+    """The client is disconnected and already holds ``queue_size`` sends."""
+
+
+class ConnectionLost(ClientError):
+    """The connection ended after the event was sent and before its answer.
+
+    The server may or may not have handled it: it is not sent again, since
+    handlers need not be idempotent.
+    """
+
+
+class ClientClosed(ClientError):
+    """The client was closed; it sends nothing more."""
+
+
+class ConnectError(ClientError):
+    """A connect attempt failed; the client tries again after a backoff.
+
+    :param status: the HTTP status of a refused ticket request or
+        handshake, else ``None``.
+    :param code: the ``error`` name of the refusal's JSON body, e.g.
+        ``"unauthorized"`` or ``"ticket_used"``, when there was one.
+    """
+
+    def __init__(self, message: str, status: int | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Message:
+    """An event from the server.
+
+    ``seq`` is the broadcast's position in its channel, ``None`` for a
+    message sent to this connection alone.
+    """
+
+    channel: str | None
+    event: str
+    data: Any = None
+    seq: int | None = None
+
+
+@dataclass(frozen=True)
+class Subscribed:
+    """The server's ``@subscribed``: ``recovered`` is ``False`` when messages
+    missed while disconnected could not be replayed, so the application
+    should reload its state."""
+
+    recovered: bool
+    seq: int
+    epoch: str
+
+
+class Channel:
+    """A channel of a :class:`Client`, returned by :meth:`Client.subscribe`."""
+
+    def __init__(self, client: "Client", name: str) -> None:
+        self.client = client
+        self.name = name
+        #: The last ``seq`` seen here and the epoch it belongs to; sent back
+        #: on resubscribe so the server can replay what came in between.
+        self.seq: int | None = None
+        self.epoch: str | None = None
+        self._handlers: defaultdict[str, list[Callable[..., Any]]] = defaultdict(list)
+
+    def __repr__(self) -> str:
+        return f"<Channel {self.name!r} seq={self.seq}>"
+
+    def on(self, event: str, handler: Callable[..., Any]) -> Callable[..., Any]:
+        """Call ``handler(message)`` for every ``event`` on this channel.
+
+        ``"subscribed"`` is the client's own: ``handler(subscribed)`` gets a
+        :class:`Subscribed` after each ``@subscribed``, the first and every
+        one after a reconnect. Handlers run in the client's handler thread.
+        """
+        if event != SUBSCRIBED_EVENT and not protocol.is_valid_event(event):
+            raise ValueError(f"invalid event name {event!r}: 1 to 64 characters, not starting with '@'")
+        self._handlers[event].append(handler)
+        return handler
+
+    def send(self, event: str, data: Any = None, timeout: float | None = None) -> Any:
+        """Send ``event`` with ``data`` and wait for the answer.
+
+        While disconnected the event waits in the client's queue and goes
+        out after the reconnect.
+
+        :param timeout: seconds to wait for the answer, queueing included;
+            ``None`` uses the client's ``reply_timeout``.
+        :returns: the data of the server's ``@reply``.
+        :raises ReplyError: the server answered ``@error``.
+        :raises SendTimeout: no answer within ``timeout``.
+        :raises QueueFull: disconnected, and the queue is full.
+        :raises ConnectionLost: the connection ended before the answer.
+        :raises ClientClosed: the client is closed.
+        """
+        return self.client._request(self.name, event, data, timeout)
+
+    def _dispatch(self, event: str, argument: Any) -> None:
+        self.client._emit(self._handlers[event], argument)
+
+
+class _Request:
+    """An application event waiting for its answer."""
+
+    def __init__(self, ref: int, text: str) -> None:
+        self.ref = ref
+        self.text = text
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: ClientError | None = None
+
+    def resolve(self, result: Any = None, error: ClientError | None = None) -> None:
+        self.result = result
+        self.error = error
+        self.done.set()
+
+
+class Client:
+    """A connection to a Robe Sockets server that keeps itself up.
+
+    :param url: the socket endpoint, e.g. ``"ws://127.0.0.1:9292/ops"``.
+    :param ticket_url: where to ``POST`` for a ticket before each connect,
+        e.g. ``"http://127.0.0.1:9292/ops/ticket"``; ``None`` connects
+        without one (for servers that do not require tickets).
+    :param session: the ``requests.Session`` for ticket requests, so that
+        cookies from a login carry over; by default a new one.
+    :param reply_timeout: seconds :meth:`Channel.send` waits by default.
+    :param queue_size: sends that may wait for a connection; more fail at
+        once with :class:`QueueFull`.
+    :param reconnect_delay: the first backoff ceiling in seconds; it doubles
+        after each failed attempt, up to ``max_reconnect_delay``, and the
+        delay is drawn uniformly below it (full jitter).
+    :param max_reconnect_delay: the largest backoff ceiling, in seconds.
+    :param ping_interval: seconds of silence from the server after which the
+        client sends ``@ping``; ``None`` disables it. Keep it near the
+        server's ``ROBE_SOCKETS_PING_INTERVAL`` (25 seconds).
+    :param ping_timeout: seconds to wait for anything after a ``@ping``
+        before the connection counts as lost.
+    :param connect_timeout: seconds for a ticket request, TCP connect and
+        handshake.
+    :param close_timeout: seconds :meth:`close` waits for the server's
+        close frame and for the handlers to finish.
+    :param ssl_context: for ``wss://`` URLs; by default the system's.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        ticket_url: str | None = None,
+        session: "requests.Session | None" = None,
+        *,
+        reply_timeout: float = 10.0,
+        queue_size: int = 100,
+        reconnect_delay: float = 0.5,
+        max_reconnect_delay: float = 30.0,
+        ping_interval: float | None = 25.0,
+        ping_timeout: float = 10.0,
+        connect_timeout: float = 10.0,
+        close_timeout: float = 5.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        if urlsplit(url).scheme not in ("ws", "wss"):
+            raise ValueError(f"url must start with ws:// or wss://, got {url!r}")
+        self.url = url
+        self.ticket_url = ticket_url
+        self.reply_timeout = reply_timeout
+        self.queue_size = queue_size
+        self.reconnect_delay = reconnect_delay
+        self.max_reconnect_delay = max_reconnect_delay
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.connect_timeout = connect_timeout
+        self.close_timeout = close_timeout
+        self.ssl_context = ssl_context
+        #: The server's id for the current connection, ``None`` while disconnected.
+        self.id: str | None = None
+
+        self._own_session = ticket_url is not None and session is None
+        if self._own_session:
+            import requests  # only ticket requests need it
+
+            session = requests.Session()
+        self._session = session if ticket_url is not None else None
+
+        # Guards the connection state, the channels, the queue and the
+        # pending answers; writes happen under it so that queued events go
+        # out before newer ones.
+        self._lock = threading.RLock()
+        self._socket: _Socket | None = None
+        self._connected = False
+        self._closed = False
+        self._stop = threading.Event()
+        self._channels: dict[str, Channel] = {}
+        self._queue: deque[_Request] = deque()
+        self._pending: dict[int, _Request] = {}
+        self._refs = itertools.count(1)
+        self._handlers: dict[str, list[Callable[..., Any]]] = {name: [] for name in _CLIENT_EVENTS}
+        # Handler calls, run in order by the handler thread; None ends it.
+        self._calls: queue.Queue = queue.Queue()
+        self._handler_thread = threading.Thread(
+            target=self._run_handlers, name="robe-sockets-handlers", daemon=True
+        )
+        self._connection_thread = threading.Thread(
+            target=self._run_connection, name="robe-sockets-connection", daemon=True
+        )
+        self._handler_thread.start()
+        self._connection_thread.start()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    @property
+    def connected(self) -> bool:
+        """Whether the socket is open and past ``@connected``."""
+        return self._connected
+
+    # -- public API ------------------------------------------------------
+
+    def on(self, event: str, handler: Callable[..., Any]) -> Callable[..., Any]:
+        """Call ``handler`` on a client event.
+
+        - ``"connect"``: ``handler()``, after each ``@connected``;
+        - ``"disconnect"``: ``handler(code)``, once per lost connection, with
+          the close code (1006 when it ended without a close frame);
+        - ``"error"``: ``handler(exc)``, a :class:`ConnectError` for a failed
+          connect attempt or a :class:`ReplyError` for an ``@error`` that
+          answers no send (a refused subscribe);
+        - ``"message"``: ``handler(message)``, a :class:`Message` that is not
+          on a subscribed channel (sent to this connection alone).
+        """
+        if event not in self._handlers:
+            raise ValueError(f"unknown client event {event!r}: one of {', '.join(_CLIENT_EVENTS)}")
+        self._handlers[event].append(handler)
+        return handler
+
+    def subscribe(self, name: str) -> Channel:
+        """Subscribe to channel ``name`` and return it; the same object for
+        the same name. Works before the socket is open: every channel is
+        subscribed on each connect."""
+        if not protocol.is_valid_channel(name):
+            raise ValueError(
+                f"invalid channel name {name!r}: 1 to 128 characters from A-Z a-z 0-9 _ - . : /"
+            )
+        with self._lock:
+            self._check_open()
+            channel = self._channels.get(name)
+            if channel is None:
+                channel = self._channels[name] = Channel(self, name)
+                if self._connected:
+                    self._send_subscribe(channel)
+        return channel
+
+    def unsubscribe(self, name: str) -> None:
+        """Leave channel ``name``; its handlers get nothing more. Subscribing
+        again later returns a new :class:`Channel`."""
+        with self._lock:
+            if self._channels.pop(name, None) is not None and self._connected:
+                self._write({"channel": name, "event": protocol.UNSUBSCRIBE})
+
+    def close(self) -> None:
+        """Close the connection for good: one ``disconnect`` (code 1000) if it
+        was connected, no reconnect. Sends still waiting fail with
+        :class:`ClientClosed`. Returns once the handlers have run, or after
+        ``close_timeout``."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._stop.set()
+            sock = self._socket
+            queued = list(self._queue)
+            self._queue.clear()
+        for request in queued:
+            request.resolve(error=ClientClosed("the client was closed before this was sent"))
+        if sock is not None:
+            sock.close(protocol.CLOSE_NORMAL)
+        current = threading.current_thread()
+        if current is not self._connection_thread:
+            self._connection_thread.join(self.close_timeout)
+            if sock is not None and self._connection_thread.is_alive():
+                sock.abort()  # the server did not answer the close frame
+                self._connection_thread.join(self.close_timeout)
+        if current is not self._handler_thread:
+            self._handler_thread.join(self.close_timeout)
+        if self._own_session:
+            self._session.close()
+
+    # -- sending ---------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClientClosed("the client is closed")
+
+    def _request(self, channel: str, event: str, data: Any, timeout: float | None) -> Any:
+        if not protocol.is_valid_event(event):
+            raise ValueError(f"invalid event name {event!r}: 1 to 64 characters, not starting with '@'")
+        ref = next(self._refs)
+        # Encoded here so that data that is not JSON fails in the caller.
+        request = _Request(ref, protocol.dumps({"channel": channel, "event": event, "data": data, "ref": ref}))
+        with self._lock:
+            self._check_open()
+            if self._connected:
+                self._send_request(request)
+            elif len(self._queue) >= self.queue_size:
+                raise QueueFull(
+                    f"{len(self._queue)} sends already wait for the connection (queue_size)"
+                )
+            else:
+                self._queue.append(request)
+        if timeout is None:
+            timeout = self.reply_timeout
+        if not request.done.wait(timeout) and self._withdraw(request):
+            raise SendTimeout(f"no answer to {event!r} on {channel!r} within {timeout}s")
+        if request.error is not None:
+            raise request.error
+        return request.result
+
+    def _withdraw(self, request: _Request) -> bool:
+        """Forget a request that timed out; ``False`` if it was answered meanwhile."""
+        with self._lock:
+            if self._pending.pop(request.ref, None) is not None:
+                return True
+            try:
+                self._queue.remove(request)
+            except ValueError:
+                return False
+            return True
+
+    def _send_request(self, request: _Request) -> bool:
+        """Write ``request`` (lock held); put it back in front of the queue
+        if the write failed, since the server then got no whole frame."""
+        self._pending[request.ref] = request
+        try:
+            self._socket.send(TextMessage(data=request.text))
+        except ConnectionLost:
+            del self._pending[request.ref]
+            self._queue.appendleft(request)
+            return False
+        return True
+
+    def _send_subscribe(self, channel: Channel) -> None:
+        frame: dict[str, Any] = {"channel": channel.name, "event": protocol.SUBSCRIBE}
+        if channel.epoch is not None:
+            frame["data"] = {"since": channel.seq, "epoch": channel.epoch}
+        self._write(frame)
+
+    def _write(self, frame: dict[str, Any]) -> None:
+        """Write a frame that needs no answer; a failure only means the
+        connection is gone, and the reconnect will redo what matters."""
+        sock = self._socket
+        if sock is not None:
+            try:
+                sock.send(TextMessage(data=protocol.dumps(frame)))
+            except ConnectionLost:
+                pass
+
+    # -- the connection thread -------------------------------------------
+
+    def _run_connection(self) -> None:
+        attempt = 0
+        try:
+            while not self._stop.is_set():
+                try:
+                    sock = self._connect()
+                except ConnectError as exc:
+                    self._emit_error(exc)
+                else:
+                    if self._serve(sock):
+                        attempt = 0
+                if self._stop.wait(self._backoff(attempt)):
+                    break
+                attempt += 1
+        finally:
+            self._calls.put(None)
+
+    def _backoff(self, attempt: int) -> float:
+        ceiling = min(self.max_reconnect_delay, self.reconnect_delay * 2 ** min(attempt, 32))
+        return random.uniform(0, ceiling)
+
+    def _connect(self) -> "_Socket":
+        url = self.url
+        if self._session is not None:
+            separator = "&" if urlsplit(url).query else "?"
+            url += separator + urlencode({"ticket": self._fetch_ticket()})
+        try:
+            return _Socket(url, self.connect_timeout, self.ssl_context)
+        except OSError as exc:
+            raise ConnectError(f"cannot connect to {self.url}: {exc}") from exc
+
+    def _fetch_ticket(self) -> str:
+        try:
+            response = self._session.post(self.ticket_url, timeout=self.connect_timeout)
+        except OSError as exc:  # requests' errors are OSErrors too
+            raise ConnectError(f"cannot get a ticket from {self.ticket_url}: {exc}") from exc
+        with response:
+            if response.status_code != 200:
+                raise ConnectError(
+                    f"{self.ticket_url} refused a ticket: {response.status_code}",
+                    response.status_code,
+                    _error_name(response.content),
+                )
+            try:
+                ticket = response.json()["ticket"]
+            except (ValueError, KeyError, TypeError):
+                ticket = None
+        if not isinstance(ticket, str):
+            raise ConnectError(f"{self.ticket_url} answered without a ticket", response.status_code)
+        return ticket
+
+    def _serve(self, sock: "_Socket") -> bool:
+        """Read ``sock`` until it ends; whether it got as far as ``@connected``."""
+        with self._lock:
+            if self._closed:
+                sock.release()
+                return False
+            self._socket = sock
+        try:
+            self._read(sock)
+        finally:
+            sock.release()
+        connected = self._lost(sock.close_code)
+        if not connected and not self._closed:
+            self._emit_error(ConnectError(f"the connection closed ({sock.close_code}) before @connected"))
+        return connected
+
+    def _read(self, sock: "_Socket") -> None:
+        awaiting_pong = False
+        while sock.close_code is None:
+            try:
+                texts = sock.receive(self.ping_timeout if awaiting_pong else self.ping_interval)
+            except socket.timeout:
+                if awaiting_pong:
+                    log.warning("no answer to @ping within %ss: the connection is lost", self.ping_timeout)
+                    return
+                awaiting_pong = True
+                self._write({"event": protocol.PING})
+                continue
+            awaiting_pong = False  # anything at all from the server will do
+            for text in texts:
+                try:
+                    self._on_frame(text)
+                except Exception:  # a frame we cannot make sense of must not end the reader
+                    log.exception("could not handle a frame from the server: %.200r", text)
+
+    def _lost(self, code: int | None) -> bool:
+        with self._lock:
+            was_connected = self._connected
+            self._connected = False
+            self._socket = None
+            self.id = None
+            unanswered = list(self._pending.values())
+            self._pending.clear()
+            closed = self._closed
+        if code is None:
+            code = protocol.CLOSE_NORMAL if closed else CLOSE_ABNORMAL
+        for request in unanswered:
+            error = (
+                ClientClosed("the client was closed before the server answered")
+                if closed
+                else ConnectionLost(f"the connection closed ({code}) before the server answered")
+            )
+            request.resolve(error=error)
+        if was_connected:
+            log.info("disconnected from %s (%s)", self.url, code)
+            self._emit(self._handlers["disconnect"], code)
+        return was_connected
+
+    # -- frames from the server ------------------------------------------
+
+    def _on_frame(self, text: str) -> None:
+        frame = json.loads(text)
+        event = frame["event"]
+        channel = frame.get("channel")
+        data = frame.get("data")
+        if event == protocol.CONNECTED:
+            self._on_connected(data)
+        elif event in (protocol.REPLY, protocol.ERROR):
+            self._on_answer(event, channel, data, frame.get("ref"))
+        elif event == protocol.SUBSCRIBED:
+            self._on_subscribed(channel, data)
+        elif event in (protocol.PONG, protocol.UNSUBSCRIBED):
+            pass  # reading it was the point
+        else:
+            self._on_message(Message(channel, event, data, frame.get("seq")))
+
+    def _on_connected(self, data: dict[str, Any]) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self.id = data["id"]
+            for channel in self._channels.values():
+                self._send_subscribe(channel)
+            while self._queue:
+                if not self._send_request(self._queue.popleft()):
+                    break
+            self._connected = True
+        log.info("connected to %s as %s", self.url, self.id)
+        self._emit(self._handlers["connect"])
+
+    def _on_answer(self, event: str, channel: str | None, data: Any, ref: Any) -> None:
+        with self._lock:
+            request = self._pending.pop(ref, None) if isinstance(ref, int) else None
+        error = None
+        if event == protocol.ERROR:
+            error = ReplyError(data["code"], data["message"], channel)
+        if request is not None:
+            request.resolve(None if error else data, error)
+        elif error is not None:
+            self._emit_error(error)
+
+    def _on_subscribed(self, name: str, data: dict[str, Any]) -> None:
+        channel = self._channels.get(name)
+        if channel is None:  # unsubscribed meanwhile
+            return
+        subscribed = Subscribed(data["recovered"], data["seq"], data["epoch"])
+        if not subscribed.recovered:
+            # Nothing replayed: new messages follow this seq. When recovered,
+            # the replay that follows moves channel.seq on by itself.
+            channel.seq = subscribed.seq
+        channel.epoch = subscribed.epoch
+        channel._dispatch(SUBSCRIBED_EVENT, subscribed)
+
+    def _on_message(self, message: Message) -> None:
+        channel = self._channels.get(message.channel) if message.channel is not None else None
+        if channel is None:
+            self._emit(self._handlers["message"], message)
+            return
+        if message.seq is not None:
+            channel.seq = message.seq
+        channel._dispatch(message.event, message)
+
+    # -- the handler thread ----------------------------------------------
+
+    def _emit(self, handlers: list[Callable[..., Any]], *args: Any) -> None:
+        self._calls.put((handlers, args))
+
+    def _emit_error(self, exc: ClientError) -> None:
+        log.warning("%s", exc)
+        self._emit(self._handlers["error"], exc)
+
+    def _run_handlers(self) -> None:
+        while True:
+            call = self._calls.get()
+            if call is None:
+                return
+            handlers, args = call
+            for handler in tuple(handlers):
+                try:
+                    handler(*args)
+                except Exception:
+                    log.exception("handler %r failed", handler)
+
+
+class _Socket:
+    """One WebSocket connection: wsproto over a blocking socket.
+
+    Reads happen in the connection thread only. Writes may come from any
+    thread: a lock keeps wsproto's state and the frames whole, and every
+    frame goes out with ``sendall``.
+    """
+
+    def __init__(self, url: str, timeout: float, ssl_context: ssl.SSLContext | None) -> None:
+        parts = urlsplit(url)
+        secure = parts.scheme == "wss"
+        sock = socket.create_connection((parts.hostname, parts.port or (443 if secure else 80)), timeout)
+        try:
+            if secure:
+                context = ssl_context or ssl.create_default_context()
+                sock = context.wrap_socket(sock, server_hostname=parts.hostname)
+            self.sock = sock
+            self.ws = WSConnection(ConnectionType.CLIENT)
+            self.close_code: int | None = None
+            self._write_lock = threading.Lock()
+            self._fragments: list[str] = []
+            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            self._handshake(parts.netloc.rpartition("@")[2], target)
+        except BaseException:
+            sock.close()
+            raise
+
+    def _handshake(self, host: str, target: str) -> None:
+        self.sock.sendall(self.ws.send(Request(host=host, target=target)))
+        status = 0
+        body = b""
+        while True:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectError("the server closed the connection during the handshake", status or None)
+            try:
+                self.ws.receive_data(data)
+                for event in self.ws.events():
+                    if isinstance(event, AcceptConnection):
+                        # Frames that came in the same read as the 101 (often
+                        # @connected) stay in wsproto's buffer: receive()
+                        # returns them before it waits for more.
+                        return
+                    if isinstance(event, RejectConnection):
+                        status = event.status_code
+                        if not event.has_body:
+                            raise _refused(status, b"")
+                    elif isinstance(event, RejectData):
+                        body += event.data
+                        if event.body_finished:
+                            raise _refused(status, body)
+            except RemoteProtocolError as exc:
+                raise ConnectError(f"the server's handshake answer is broken: {exc}") from None
+
+    def receive(self, timeout: float | None) -> list[str]:
+        """The text messages completed by the next data, waiting up to
+        ``timeout`` seconds for it.
+
+        Messages already buffered come first, without waiting. Raises
+        ``socket.timeout`` when nothing came; sets ``close_code`` when the
+        connection is over (1006 if it ended without a close frame).
+        """
+        texts = self._drain()
+        if texts or self.close_code is not None:
+            return texts
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(65536)
+        except socket.timeout:
+            raise
+        except OSError:
+            data = b""
+        if not data:
+            self.close_code = CLOSE_ABNORMAL
+            return []
+        self.ws.receive_data(data)
+        return self._drain()
+
+    def _drain(self) -> list[str]:
+        texts = []
+        for event in self.ws.events():
+            if isinstance(event, TextMessage):
+                self._fragments.append(event.data)
+                if event.message_finished:
+                    texts.append("".join(self._fragments))
+                    self._fragments.clear()
+            elif isinstance(event, Ping):
+                self._send_quietly(event.response())
+            elif isinstance(event, CloseConnection):
+                if self.ws.state is not ConnectionState.CLOSED:
+                    self._send_quietly(event.response())
+                self.close_code = int(event.code)
+                break
+            elif isinstance(event, BytesMessage):
+                log.warning("ignored a binary frame: the protocol has none")
+        return texts
+
+    def send(self, event: Event) -> None:
+        """Write ``event`` whole; any failure ends the connection.
+
+        :raises ConnectionLost: the frame could not be written.
+        """
+        with self._write_lock:
+            try:
+                self.sock.sendall(self.ws.send(event))
+            except (OSError, LocalProtocolError) as exc:
+                self.abort()
+                raise ConnectionLost(f"the connection is gone: {exc}") from exc
+
+    def _send_quietly(self, event: Event) -> None:
+        try:
+            self.send(event)
+        except ConnectionLost:
+            pass  # the next read sees the end
+
+    def close(self, code: int) -> None:
+        """Start the closing handshake; the reader ends with the server's answer."""
+        self._send_quietly(CloseConnection(code=code))
+
+    def abort(self) -> None:
+        """End the connection now; wakes the reader (``close()`` alone would
+        not wake a thread blocked in ``recv`` on Linux)."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def release(self) -> None:
+        self.sock.close()
+
+
+def _error_name(body: bytes) -> str | None:
+    """The ``error`` of a refusal's JSON body, e.g. ``"ticket_used"``."""
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return None
+    error = value.get("error") if isinstance(value, dict) else None
+    return error if isinstance(error, str) else None
+
+
+def _refused(status: int, body: bytes) -> ConnectError:
+    code = _error_name(body)
+    return ConnectError(f"the server refused the WebSocket: {status} {code or ''}".rstrip(), status, code)
