@@ -210,10 +210,15 @@ def _check_handshake(server: SocketServer) -> Any:
     HTTP answer. Returns the ticket's identity.
     """
     config = server.config
+    headers = request.headers
+    # The checks wsproto makes when it accepts: one it would refuse must be
+    # answered here, or it fails inside the upgrade as a 500.
     if (
-        request.headers.get("Upgrade", "").lower() != "websocket"
-        or "upgrade" not in request.headers.get("Connection", "").lower()
-        or not request.headers.get("Sec-WebSocket-Key")
+        headers.get("Upgrade", "").lower() != "websocket"
+        or "upgrade" not in {token.strip().lower() for token in headers.get("Connection", "").split(",")}
+        or not headers.get("Sec-WebSocket-Key")
+        or headers.get("Sec-WebSocket-Version") != "13"
+        or not headers.get("Host")
     ):
         raise _Refused(400, "not_websocket")
     origin = request.headers.get("Origin")

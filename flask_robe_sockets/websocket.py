@@ -79,7 +79,10 @@ class ServerSocket(simple_websocket.Server):
         listener = self.listener
         for event in self.ws.events():
             if isinstance(event, (TextMessage, BytesMessage)):
-                self.incoming_message_len += len(event.data)
+                # The limit is in bytes: wsproto hands text over decoded,
+                # and a character may take four of them.
+                data = event.data
+                self.incoming_message_len += len(data.encode() if isinstance(data, str) else data)
                 if self.incoming_message_len > self.max_message_size:
                     listener.close(protocol.CLOSE_TOO_BIG, "message too big")
                     return False
