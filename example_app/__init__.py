@@ -1,7 +1,10 @@
-"""A minimal chat on flask-robe-sockets.
+"""A multi-room chat on flask-robe-sockets.
 
-Run it with ``gunicorn -k gevent -b 127.0.0.1:9292 example_app:app``, or
-``flask --app example_app run`` while developing.
+Run it with ``./scripts/serve-example`` (gunicorn with the gevent worker on
+http://127.0.0.1:9292), or ``flask --app example_app run`` while
+developing. Without ``REDIS_URL`` everything stays in that one process;
+with it the channels, the room history and the background jobs go through
+Redis, and ``rq worker example_app --url $REDIS_URL`` runs the jobs.
 """
 from __future__ import annotations
 
@@ -9,16 +12,17 @@ import os
 
 from flask import Flask
 
-from flask_robe_sockets import RobeSockets
-
-app = Flask(__name__)
-app.secret_key = os.environ.get("SECRET_KEY", "dev only: set SECRET_KEY in production")
-app.config["ROBE_SOCKETS_REDIS_URL"] = os.environ.get("REDIS_URL")
-sockets = RobeSockets(app)
+from . import chat, views
+from .realtime import sockets
 
 
-@sockets.on("message", channel="chat")
-def on_message(message, connection):
-    """Echo a chat message to everyone on the channel."""
-    sockets["chat"].send("message", message.data)
-    return {"ok": True}
+def create_app() -> Flask:
+    app = Flask(__name__)
+    app.secret_key = os.environ.get("SECRET_KEY", "dev only: set SECRET_KEY in production")
+    app.config["ROBE_SOCKETS_REDIS_URL"] = chat.REDIS_URL
+    sockets.init_app(app)
+    app.register_blueprint(views.bp)
+    return app
+
+
+app = create_app()

@@ -76,7 +76,8 @@ export interface ChannelEvents {
   /** Every application event on the channel. */
   message: Message;
   subscribed: Subscribed;
-  /** The subscription was refused (e.g. `forbidden`). */
+  /** The subscription was refused (e.g. `forbidden`); the client's
+   * `error` event hears it too. */
   error: RobeSocketsError;
   /** Any other name: only the application events of that name. */
   [event: string]: Message | Subscribed | RobeSocketsError;
@@ -85,8 +86,9 @@ export interface ChannelEvents {
 export declare class Channel implements Emitter<ChannelEvents> {
   readonly client: Client;
   readonly name: string;
-  /** `seq` of the last broadcast seen; sent as `since` when resubscribing. */
-  readonly lastSeq: number;
+  /** `seq` of the last broadcast seen, sent as `since` when resubscribing;
+   * `null` before the first `@subscribed`. */
+  readonly seq: number | null;
   readonly epoch: string | null;
   readonly subscribed: boolean;
   on<K extends keyof ChannelEvents>(event: K, fn: (value: ChannelEvents[K]) => void): () => void;

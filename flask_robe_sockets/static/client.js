@@ -89,15 +89,17 @@ class Emitter {
  * Events: `"message"` (every application event on the channel),
  * `"<event name>"` (only that event), `"subscribed"` (`{recovered, seq,
  * epoch}` after each (re)subscription: reload the state you show when
- * `recovered` is false), `"error"` (the subscription was refused).
+ * `recovered` is false), `"error"` (the subscription was refused; the
+ * client's own `"error"` hears it too).
  */
 export class Channel extends Emitter {
   constructor(client, name) {
     super();
     this.client = client;
     this.name = name;
-    /** The `seq` of the last broadcast seen, sent as `since` on resubscribe. */
-    this.lastSeq = 0;
+    /** The `seq` of the last broadcast seen, sent as `since` on resubscribe;
+     * `null` before the first `@subscribed`. */
+    this.seq = null;
     /** The history `@subscribed` named; `null` before the first one. */
     this.epoch = null;
     /** Whether the server confirmed the subscription on this connection. */
@@ -121,7 +123,7 @@ export class Channel extends Emitter {
     this.subscribed = true;
     this.epoch = data.epoch;
     // Without recovery nothing is replayed: the next broadcast follows `seq`.
-    if (!data.recovered) this.lastSeq = data.seq;
+    if (!data.recovered) this.seq = data.seq;
     this._emit("subscribed", { recovered: data.recovered, seq: data.seq, epoch: data.epoch });
   }
 
@@ -132,7 +134,7 @@ export class Channel extends Emitter {
   }
 
   _deliver(message) {
-    if (message.seq !== null) this.lastSeq = message.seq;
+    if (message.seq !== null) this.seq = message.seq;
     this._emit("message", message);
     if (message.event !== "message") this._emit(message.event, message);
   }
@@ -315,7 +317,7 @@ export class Client extends Emitter {
     if (channel._subscribing) return;
     const ref = ++this.#lastRef;
     const frame = { channel: channel.name, event: "@subscribe", ref };
-    if (channel.epoch !== null) frame.data = { since: channel.lastSeq, epoch: channel.epoch };
+    if (channel.epoch !== null) frame.data = { since: channel.seq, epoch: channel.epoch };
     channel._subscribing = true;
     this.#subscribing.set(ref, channel);
     this.#write(frame);
@@ -525,7 +527,6 @@ export class Client extends Emitter {
     if (refused) {
       this.#subscribing.delete(ref);
       refused._onRefused(error);
-      return;
     }
     this._emit("error", error);
   }

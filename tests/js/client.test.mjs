@@ -122,10 +122,10 @@ test("recovered subscriptions keep counting from the replay", async () => {
   const ws = await socketNumber(1);
   ws.accept();
   ws.receive({ channel: "chat", event: "@subscribed", ref: ws.sent[0].ref, data: { recovered: true, seq: 9, epoch: "e1" } });
-  assert.equal(chat.lastSeq, 0, "the replay, not @subscribed, advances lastSeq");
+  assert.equal(chat.seq, null, "the replay, not @subscribed, advances seq");
   ws.receive({ channel: "chat", event: "message", data: 1, seq: 8 });
   ws.receive({ channel: "chat", event: "message", data: 2, seq: 9 });
-  assert.equal(chat.lastSeq, 9);
+  assert.equal(chat.seq, 9);
   assert.equal(chat.subscribed, true);
 });
 
@@ -209,10 +209,11 @@ test("a refused subscription reports forbidden and is not retried on reconnect",
   const secret = client.subscribe("user:alice");
   const refusals = [];
   secret.on("error", (error) => refusals.push(error.code));
+  client.on("error", (error) => refusals.push(`client: ${error.code}`));
   const ws = await socketNumber(1);
   ws.accept();
   ws.receive({ channel: "user:alice", event: "@error", ref: ws.sent[0].ref, data: { code: "forbidden", message: "not allowed" } });
-  assert.deepEqual(refusals, ["forbidden"]);
+  assert.deepEqual(refusals, ["forbidden", "client: forbidden"]);
   ws.drop();
   const next = await socketNumber(2);
   next.accept();

@@ -1,0 +1,82 @@
+"""The pages: sign in with a name, then one page per room."""
+from __future__ import annotations
+
+import os
+from functools import wraps
+from typing import Any, Callable
+
+from flask import Blueprint, abort, jsonify, redirect, render_template, request, session, url_for
+
+from . import chat
+from .realtime import sockets
+
+bp = Blueprint("chat", __name__)
+
+
+def signed_in(view: Callable[..., Any]) -> Callable[..., Any]:
+    @wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if "name" not in session:
+            return redirect(url_for("chat.login", next=request.path))
+        return view(*args, **kwargs)
+
+    return wrapper
+
+
+@bp.get("/")
+@signed_in
+def index():
+    return redirect(url_for("chat.room", room="lobby"))
+
+
+@bp.route("/login", methods=["GET", "POST"])
+def login():
+    """Just a name, kept in the Flask session: enough to tell people apart."""
+    error = None
+    if request.method == "POST":
+        name = request.form.get("name", "").strip()
+        if chat.NAME.fullmatch(name):
+            session["name"] = name
+            target = request.args.get("next", "")
+            # Only paths of this site: never an open redirect.
+            if not target.startswith("/") or target.startswith("//"):
+                target = url_for("chat.index")
+            return redirect(target)
+        error = "Use 1 to 32 letters, digits, dots, dashes or underscores."
+    return render_template("login.html", error=error), 400 if error else 200
+
+
+@bp.post("/logout")
+def logout():
+    session.clear()
+    return redirect(url_for("chat.login"))
+
+
+def _room_or_404(room: str) -> str:
+    if room not in chat.ROOMS:
+        abort(404)
+    return room
+
+
+@bp.get("/rooms/<room>")
+@signed_in
+def room(room: str):
+    _room_or_404(room)
+    return render_template(
+        "room.html", room=room, rooms=chat.ROOMS, messages=chat.history.recent(room),
+        max_text=chat.MAX_TEXT,
+    )
+
+
+@bp.get("/rooms/<room>/messages")
+@signed_in
+def messages(room: str):
+    """The room's recent messages, for a page whose socket could not replay
+    what it missed (the server restarted, or it was away too long)."""
+    return jsonify(messages=chat.history.recent(_room_or_404(room)))
+
+
+@bp.get("/stats")
+def stats():
+    """How many sockets this worker holds: a quick look for operators."""
+    return jsonify(connections=len(sockets.connections), pid=os.getpid())
