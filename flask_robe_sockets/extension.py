@@ -268,6 +268,6 @@ def _ended_response(environ: dict) -> Response:
 
 def _client_view(filename: str) -> Response:
     response = send_from_directory(_STATIC, filename, max_age=3600)
-    if filename.endswith(".js"):
-        response.mimetype = "text/javascript"
+    # Not left to the mimetypes table, which calls .ts a Qt translation file.
+    response.mimetype = "text/javascript" if filename.endswith(".js") else "text/plain"
     return response

@@ -1,0 +1,234 @@
+"""The example chat in a real browser: Debian's headless chromium, driven by
+Playwright, against the example app under gunicorn with the gevent worker.
+
+A failing test leaves a screenshot of each of its pages, and the server's
+log, in ``test-artifacts/``.
+"""
+from __future__ import annotations
+
+import os
+import re
+import uuid
+
+import pytest
+
+from .servers import ROOT, Gunicorn
+
+sync_api = pytest.importorskip("playwright.sync_api")
+expect = sync_api.expect
+
+CHROMIUM = "/usr/bin/chromium"
+# Playwright cannot download its own browser here; these flags keep Debian's
+# quiet, and on loopback only.
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+ARTIFACTS = ROOT / "test-artifacts"
+APP = "example_app:app"
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(CHROMIUM) and os.environ.get("CI") != "true",
+    reason="chromium is not installed (apt-get install chromium)",
+)
+
+expect.set_options(timeout=15_000)
+
+
+class Chat:
+    """The pages and servers of one test, and what they leave when it fails."""
+
+    def __init__(self, browser) -> None:
+        self.browser = browser
+        self.pages: dict[str, sync_api.Page] = {}
+        #: Servers whose log is kept on failure; the test stops those it started.
+        self.servers: list[Gunicorn] = []
+        self._started: list[Gunicorn] = []
+        self.page_errors: list[str] = []
+
+    def start_server(self, port: int | None = None) -> Gunicorn:
+        server = Gunicorn(app=APP, port=port)
+        self.servers.append(server)
+        self._started.append(server)
+        return server
+
+    def sign_in(self, server: Gunicorn, name: str, room: str = "lobby") -> sync_api.Page:
+        """A fresh browser profile (its own cookies) signed in as ``name``."""
+        context = self.browser.new_context(viewport={"width": 1100, "height": 700})
+        page = context.new_page()
+        page.set_default_timeout(15_000)
+        page.on("pageerror", lambda error: self.page_errors.append(f"{name}: {error}"))
+        self.pages[name] = page
+        page.goto(f"{server.url}/login?next=/rooms/{room}")
+        page.fill("#name", name)
+        page.click("button[type=submit]")
+        expect(page).to_have_url(f"{server.url}/rooms/{room}")
+        expect_status(page, "connected")
+        return page
+
+    def save_artifacts(self, test_name: str) -> None:
+        ARTIFACTS.mkdir(exist_ok=True)
+        stem = re.sub(r"[^A-Za-z0-9_.-]", "_", test_name)
+        for name, page in self.pages.items():
+            try:
+                page.screenshot(path=str(ARTIFACTS / f"{stem}-{name}.png"), full_page=True)
+            except sync_api.Error:
+                pass
+        for index, server in enumerate(self.servers):
+            (ARTIFACTS / f"{stem}-server{index}.log").write_text(server.output())
+
+    def close(self) -> None:
+        for page in self.pages.values():
+            page.context.close()
+        for server in self._started:
+            server.stop()
+
+
+def expect_status(page, state: str) -> None:
+    expect(page.locator("#status")).to_have_attribute("data-state", state)
+
+
+def post(page, text: str) -> None:
+    """Type a message and send it, as a person would."""
+    page.fill("#compose input", text)
+    page.press("#compose input", "Enter")
+
+
+def message(page, text: str):
+    return page.locator("#messages .message", has_text=text)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def chat(browser, request):
+    chat = Chat(browser)
+    failed = request.session.testsfailed
+    yield chat
+    try:
+        # The call's report is counted before teardown runs.
+        if request.session.testsfailed > failed:
+            chat.save_artifacts(request.node.name)
+    finally:
+        chat.close()
+    assert not chat.page_errors, chat.page_errors
+
+
+@pytest.fixture(scope="module")
+def server():
+    """One example app for the tests that do not restart it."""
+    server = Gunicorn(app=APP)
+    yield server
+    server.stop()
+
+
+def unique(text: str) -> str:
+    # The shared server keeps every test's messages: tell them apart.
+    return f"{text} {uuid.uuid4().hex[:6]}"
+
+
+def test_two_people_chat_in_a_room(chat, server):
+    """Two signed-in pages in one room see each other's messages, shown as text."""
+    chat.servers.append(server)
+    alice = chat.sign_in(server, "alice")
+    bob = chat.sign_in(server, "bob")
+    hello = unique("hello bob <b>not bold</b>")
+    post(alice, hello)
+    for page in (alice, bob):
+        expect(message(page, hello)).to_have_count(1)
+        expect(message(page, hello).locator(".who")).to_have_text("alice")
+        expect(page.locator("#messages .message b")).to_have_count(0)
+    expect(message(alice, hello)).to_have_class(re.compile(r"\bmine\b"))
+    reply = unique("hi @alice")
+    post(bob, reply)
+    expect(message(alice, reply)).to_have_count(1)
+    # The mention also went to alice's private channel, and only there.
+    expect(alice.locator("#mentions li", has_text=reply)).to_have_count(1)
+    expect(bob.locator("#mentions li", has_text=reply)).to_have_count(0)
+
+
+def test_private_channel_is_refused_to_another_user(chat, server):
+    """A page signed in as bob cannot join or send on alice's private channel."""
+    chat.servers.append(server)
+    bob = chat.sign_in(server, "bob")
+    outcome = bob.evaluate(
+        """async () => {
+            const { Client } = await import("/ops/client.js");
+            const client = new Client();
+            const join = (name) => new Promise((resolve) => {
+                const channel = client.subscribe(name);
+                channel.on("subscribed", () => resolve("subscribed"));
+                channel.on("error", (error) => resolve(error.code));
+            });
+            try {
+                const refused = await join("user:alice");
+                const own = await join("user:bob");
+                const sent = await client.subscribe("user:alice").send("message", { text: "psst" })
+                    .then(() => "sent", (error) => error.code);
+                return [refused, own, sent];
+            } finally {
+                client.close();
+            }
+        }"""
+    )
+    assert outcome == ["forbidden", "subscribed", "forbidden"]
+
+
+def test_network_cut_replays_what_was_missed(chat, server):
+    """A page whose network drops shows disconnected, then gets the missed
+    messages replayed in order when it is back."""
+    chat.servers.append(server)
+    alice = chat.sign_in(server, "alice")
+    bob = chat.sign_in(server, "bob")
+    bob.context.set_offline(True)
+    # The socket outlives the network: the client's unanswered @ping finds out.
+    expect_status(bob, "disconnected")
+    missed = [unique("while you were offline 1"), unique("while you were offline 2")]
+    for text in missed:
+        post(alice, text)
+        expect(message(alice, text)).to_have_count(1)
+    bob.context.set_offline(False)
+    expect_status(bob, "connected")
+    for text in missed:
+        expect(message(bob, text)).to_have_count(1)
+    texts = bob.locator("#messages .message .text").all_inner_texts()
+    assert texts.index(missed[0]) < texts.index(missed[1])
+    expect(bob.locator("#notice")).to_contain_text("replayed")
+
+
+def test_server_restart_reconnects_and_reloads_the_room(chat):
+    """Stopping the server shows both pages disconnected; after the restart
+    both reconnect, and a page that came back later finds the messages sent
+    meanwhile (the new server cannot replay them, so the page reloads)."""
+    server = chat.start_server()
+    alice = chat.sign_in(server, "alice")
+    bob = chat.sign_in(server, "bob")
+    before = unique("before the restart")
+    post(alice, before)
+    expect(message(bob, before)).to_have_count(1)
+
+    server.stop()
+    expect_status(alice, "disconnected")
+    expect_status(bob, "disconnected")
+    bob.context.set_offline(True)  # bob stays away while alice is back
+    chat.start_server(port=server.port)
+    expect_status(alice, "connected")
+    meanwhile = unique("sent while bob was away")
+    post(alice, meanwhile)
+    expect(message(alice, meanwhile)).to_have_count(1)
+
+    bob.context.set_offline(False)
+    expect_status(bob, "connected")
+    expect(message(bob, meanwhile)).to_have_count(1)
+    expect(message(bob, before)).to_have_count(1)
+    expect(bob.locator("#notice")).to_contain_text("reloaded")
+    # The two pages still talk to each other.
+    after = unique("after the restart")
+    post(bob, after)
+    expect(message(alice, after)).to_have_count(1)
