@@ -166,18 +166,22 @@ class Connection:
         sock = self._socket.sock
         queue = self._queue
         write_timeout = ping_interval or 30
-        pinged = False
+        pinged_at: float | None = None
         while True:
             if not self._wakeup.wait(ping_interval):
-                # Silent for a whole interval: ping, and give up after a second one.
-                if time.monotonic() - self._active < ping_interval:
-                    pinged = False
-                elif pinged:
+                # A client that sent nothing since our ping, an interval
+                # later, is gone. Comparing with the ping's time, not with the
+                # interval: the timer fires a little late, so a prompt pong
+                # can still be "an interval ago" by then.
+                if pinged_at is not None and self._active < pinged_at:
                     log.info("connection %s did not answer a ping: dropping it", self.id)
                     self.on_reader_done()
                     return
-                else:
-                    pinged = True
+                now = time.monotonic()
+                if now - self._active < ping_interval:
+                    pinged_at = None
+                else:  # silent for a whole interval: ping
+                    pinged_at = now
                     queue.append(protocol.PING_FRAME)
             self._wakeup.clear()
             if queue:
