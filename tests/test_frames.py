@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
@@ -22,8 +23,12 @@ _refs = itertools.count(1_000_000)
 
 @pytest.fixture(scope="module")
 def small():
-    """A server with tiny limits: 3 subscriptions, 3 broadcasts of history."""
-    srv = Gunicorn({"ROBE_SOCKETS_MAX_SUBSCRIPTIONS": 3, "ROBE_SOCKETS_HISTORY_SIZE": 3})
+    """A server allowing 3 subscriptions, with long histories and send queues."""
+    srv = Gunicorn({
+        "ROBE_SOCKETS_MAX_SUBSCRIPTIONS": 3,
+        "ROBE_SOCKETS_HISTORY_SIZE": 5000,
+        "ROBE_SOCKETS_SEND_QUEUE_SIZE": 10000,
+    })
     yield srv
     srv.stop()
 
@@ -505,14 +510,23 @@ def test_seq_from_a_handler_broadcast(ws_connect):
 
 
 def _history(srv, ws_connect, count: int) -> tuple[str, str]:
-    """A fresh channel with ``count`` broadcasts (data 1..count); returns it and its epoch."""
+    """A fresh channel with ``count`` broadcasts (``seq`` n has data ``{"i": n - 1}``).
+
+    A watcher reads them all: the ``websockets`` client stops reading when
+    16 messages wait unread, and then its close waits out its timeout.
+    """
     channel = unique_channel()
     ws = ws_connect(srv)
     epoch = subscribe(ws, channel)["data"]["epoch"]
-    for i in range(1, count + 1):
-        broadcast(srv, channel, data=i)
+    response = requests.post(f"{srv.url}/burst/{channel}/news", params={"count": count}, timeout=10)
+    assert response.json()["seq"] == count
     assert [recv(ws)["seq"] for _ in range(count)] == list(range(1, count + 1))
     return channel, epoch
+
+
+def news(channel: str, seq: int) -> dict:
+    """The broadcast ``seq`` of a channel filled by ``_history``."""
+    return {"channel": channel, "event": "news", "data": {"i": seq - 1, "pad": "x" * 10}, "seq": seq}
 
 
 def test_recovery_replays_in_order_with_original_seq(ws_connect, server):
@@ -522,7 +536,7 @@ def test_recovery_replays_in_order_with_original_seq(ws_connect, server):
     answer = subscribe(ws, channel, {"since": 2, "epoch": epoch})
     assert answer["data"] == {"recovered": True, "seq": 5, "epoch": epoch}
     replay = [recv(ws) for _ in range(3)]
-    assert replay == [{"channel": channel, "event": "news", "data": i, "seq": i} for i in (3, 4, 5)]
+    assert replay == [news(channel, seq) for seq in (3, 4, 5)]
     assert broadcast(server, channel, data=6) == 6
     assert recv(ws) == {"channel": channel, "event": "news", "data": 6, "seq": 6}
     assert fence(ws) == []
@@ -572,15 +586,41 @@ def test_no_recovery(ws_connect, server, data):
     assert fence(ws) == []
 
 
-def test_no_recovery_past_the_history_kept(ws_connect, small):
-    """With 3 broadcasts kept, ``since`` 1 of 5 is not recovered; ``since`` 2 is."""
-    channel, epoch = _history(small, ws_connect, 5)
-    ws = ws_connect(small)
-    assert subscribe(ws, channel, {"since": 1, "epoch": epoch})["data"] == {
-        "recovered": False, "seq": 5, "epoch": epoch,
+def test_no_recovery_past_the_history_kept(ws_connect, server):
+    """With 100 broadcasts kept, ``since`` 4 of 105 is not recovered; ``since`` 5 replays 100."""
+    channel, epoch = _history(server, ws_connect, 105)
+    ws = ws_connect()
+    assert subscribe(ws, channel, {"since": 4, "epoch": epoch})["data"] == {
+        "recovered": False, "seq": 105, "epoch": epoch,
     }
     assert fence(ws) == []
-    other = ws_connect(small)
-    assert subscribe(other, channel, {"since": 2, "epoch": epoch})["data"]["recovered"] is True
-    assert [recv(other)["data"] for _ in range(3)] == [3, 4, 5]
+    other = ws_connect()
+    assert subscribe(other, channel, {"since": 5, "epoch": epoch})["data"]["recovered"] is True
+    assert [recv(other) for _ in range(100)] == [news(channel, seq) for seq in range(6, 106)]
     assert fence(other) == []
+
+
+def test_recovery_seam_while_broadcasting(ws_connect, small):
+    """Recovering while broadcasts keep coming gives every ``seq`` once, in order: no gap, no duplicate."""
+    channel = unique_channel()
+    watcher = ws_connect(small)
+    epoch = subscribe(watcher, channel)["data"]["epoch"]
+    count = 2000
+    with ThreadPoolExecutor(1) as pool:
+        burst = pool.submit(
+            requests.post, f"{small.url}/burst/{channel}/news",
+            params={"count": count, "yield": 1}, timeout=30,
+        )
+        seen = 0
+        while seen < 100:
+            seen = recv(watcher)["seq"]
+        ws = ws_connect(small)
+        answer = subscribe(ws, channel, {"since": seen - 50, "epoch": epoch})
+        assert answer["data"]["recovered"] is True
+        seqs = []
+        while not seqs or seqs[-1] < count:
+            seqs.append(recv(ws)["seq"])
+        assert burst.result().json()["seq"] == count
+    assert seqs == list(range(seen - 49, count + 1))
+    assert [recv(watcher)["seq"] for _ in range(count - seen)] == list(range(seen + 1, count + 1))
+    assert fence(ws) == [] and fence(watcher) == []
