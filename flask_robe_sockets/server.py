@@ -51,6 +51,7 @@ class SocketServer:
         #: Open connections of this worker, and handshakes under way.
         self.connections: set[Connection] = set()
         self.slots = 0
+        self.shutting_down = False
         self._shutdown_hooked_pid: int | None = None
 
     # -- publishing ------------------------------------------------------
@@ -63,6 +64,11 @@ class SocketServer:
     # -- connection lifecycle --------------------------------------------
 
     def connected(self, conn: "Connection") -> None:
+        if self.shutting_down:
+            # gunicorn's worker accepts for up to a second after SIGTERM: a
+            # client that reconnects at once must not settle on a dying worker.
+            conn.close(protocol.CLOSE_GOING_AWAY, "server shutting down")
+            return
         self._hook_shutdown()
         self.connections.add(conn)
         conn.push(protocol.ws_frame(protocol.encode(
@@ -90,7 +96,9 @@ class SocketServer:
                 log.exception("%s hook %r failed for %s", "connect/disconnect", hook, conn)
 
     def shutdown(self) -> None:
-        """Close every socket with 1001, e.g. when the worker is stopping."""
+        """Close every socket with 1001, e.g. when the worker is stopping;
+        sockets opened from now on are closed the same way."""
+        self.shutting_down = True
         for conn in tuple(self.connections):
             conn.close(protocol.CLOSE_GOING_AWAY, "server shutting down")
 

@@ -1,0 +1,670 @@
+"""The Python client against a live gunicorn gevent server.
+
+Connection trouble is made real with a loopback TCP proxy between client
+and server that a test can cut, blackhole or make refuse new connections,
+while the server (and its in-memory history) stays up.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import requests
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect as ws_connect
+
+from flask_robe_sockets.client import (
+    Client,
+    ClientClosed,
+    ConnectError,
+    ConnectionLost,
+    Message,
+    QueueFull,
+    ReplyError,
+    SendTimeout,
+    Subscribed,
+)
+from flask_robe_sockets.errors import RobeSocketsError
+
+from .servers import ROOT, wait_until
+
+
+class Proxy:
+    """A loopback TCP proxy to ``port`` whose connections the test controls."""
+
+    def __init__(self, port: int) -> None:
+        self.target = ("127.0.0.1", port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.ws_url = f"ws://127.0.0.1:{self.port}/ops"
+        #: While true, new connections are closed as soon as they arrive.
+        self.refusing = False
+        self.accepted = 0
+        self._pairs: list[tuple[socket.socket, socket.socket, threading.Event]] = []
+        self._sockets: list[socket.socket] = []  # every one, closed by close()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.refusing:
+                conn.close()
+                continue
+            upstream = socket.create_connection(self.target)
+            frozen = threading.Event()
+            with self._lock:
+                self.accepted += 1
+                self._pairs.append((conn, upstream, frozen))
+                self._sockets += [conn, upstream]
+            for src, dst in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pump, args=(src, dst, frozen), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket, frozen: threading.Event) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if not frozen.is_set():  # a frozen path loses everything, silently
+                    dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def drop(self) -> None:
+        """Cut every open connection, as a network failure would."""
+        for conn, upstream, _ in self._take():
+            for sock in (conn, upstream):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def freeze(self) -> None:
+        """Blackhole every open connection: bytes vanish, nothing closes."""
+        with self._lock:
+            for _, _, frozen in self._pairs:
+                frozen.set()
+
+    def _take(self) -> list:
+        with self._lock:
+            pairs, self._pairs = self._pairs, []
+        return pairs
+
+    def close(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)  # wakes accept() on Linux
+        self.listener.close()
+        self.drop()
+        for sock in self._sockets:
+            sock.close()
+
+
+class Recorder:
+    """Collects handler calls as ``(name, *args)`` for tests to wait on."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def __call__(self, name: str):
+        return lambda *args: self.calls.append((name, *args))
+
+    def args(self, name: str) -> list:
+        return [call[1] if len(call) == 2 else call[1:] for call in self.calls if call[0] == name]
+
+    def wait(self, name: str, count: int = 1, timeout: float = 10.0) -> list:
+        wait_until(lambda: len(self.args(name)) >= count, timeout, message=f"{count} x {name}")
+        return self.args(name)
+
+
+@pytest.fixture
+def make_client(server):
+    """Build clients (fast backoff) that are closed after the test."""
+    clients = []
+
+    def make(url: str | None = None, srv=None, record: Recorder | None = None, **kwargs) -> Client:
+        srv = srv or server
+        kwargs.setdefault("ticket_url", srv.url + "/ops/ticket")
+        kwargs.setdefault("reconnect_delay", 0.05)
+        kwargs.setdefault("max_reconnect_delay", 0.2)
+        kwargs.setdefault("reply_timeout", 10)
+        kwargs.setdefault("close_timeout", 1)
+        client = Client(url or srv.ws_url, **kwargs)
+        clients.append(client)
+        if record is not None:
+            for event in ("connect", "disconnect", "error", "message"):
+                client.on(event, record(event))
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+@pytest.fixture
+def proxy(server):
+    proxy = Proxy(server.port)
+    yield proxy
+    proxy.close()
+
+
+def unique(prefix: str = "news") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def publish(srv, channel: str, event: str, data) -> int:
+    response = requests.post(f"{srv.url}/broadcast/{channel}/{event}", json=data, timeout=5)
+    response.raise_for_status()
+    return response.json()["seq"]
+
+
+def subscribed(client: Client, name: str, record: Recorder) -> Subscribed:
+    """Subscribe ``name``, recording its messages, and wait for ``@subscribed``."""
+    channel = client.subscribe(name)
+    channel.on("subscribed", record("subscribed"))
+    channel.on("ev", record("ev"))
+    return record.wait("subscribed")[0]
+
+
+# -- connecting and receiving -------------------------------------------
+
+
+def test_connect_subscribe_and_receive_broadcast(server, make_client):
+    """A client connects by itself, subscribes, and gets a broadcast with its seq."""
+    record = Recorder()
+    # No pings: if @connected stayed unread in wsproto's buffer after the
+    # 101, nothing else would ever wake the reader.
+    client = make_client(record=record, ping_interval=None)
+    record.wait("connect")
+    assert client.connected and isinstance(client.id, str)
+    name = unique()
+    first = subscribed(client, name, record)
+    assert first == Subscribed(recovered=False, seq=0, epoch=first.epoch)
+    seq = publish(server, name, "ev", {"text": "hi"})
+    assert record.wait("ev") == [Message(channel=name, event="ev", data={"text": "hi"}, seq=seq)]
+    assert seq == 1 and client.subscribe(name).seq == 1
+
+
+def test_same_channel_object_and_argument_checks(make_client):
+    """subscribe() returns one object per name; bad names and data fail in the caller."""
+    client = make_client()
+    chat = client.subscribe("chat")
+    assert client.subscribe("chat") is chat and chat.name == "chat"
+    with pytest.raises(ValueError):
+        client.subscribe("no spaces")
+    with pytest.raises(ValueError):
+        chat.send("@subscribe")
+    with pytest.raises(ValueError):
+        chat.on("@reply", print)
+    with pytest.raises(ValueError):
+        client.on("connected", print)
+    with pytest.raises(ValueError):
+        chat.send("echo", float("nan"))
+    with pytest.raises(TypeError):
+        chat.send("echo", object())
+
+
+def test_subscribe_before_the_socket_is_open(proxy, make_client):
+    """A channel subscribed before the first connect is subscribed on connect."""
+    proxy.refusing = True
+    record = Recorder()
+    client = make_client(proxy.ws_url, record=record)
+    name = unique()
+    channel = client.subscribe(name)
+    channel.on("subscribed", record("subscribed"))
+    record.wait("error")
+    assert not client.connected and record.args("subscribed") == []
+    proxy.refusing = False
+    assert record.wait("subscribed")[0].recovered is False
+    assert record.args("connect") == [()]
+
+
+def test_direct_message_goes_to_client_message_handlers(make_client):
+    """A message to this connection alone, with no channel, reaches client.on("message")."""
+    record = Recorder()
+    client = make_client(record=record)
+    assert client.subscribe("chat").send("direct") is None
+    [message] = record.wait("message")
+    assert message == Message(channel=None, event="direct", data={"to": client.id}, seq=None)
+
+
+# -- sending ------------------------------------------------------------
+
+
+def test_send_returns_the_reply_data(make_client):
+    """send() waits for @reply and returns its data, null included."""
+    record = Recorder()
+    client = make_client()
+    chat = client.subscribe("chat")
+    chat.on("said", record("said"))
+    assert chat.send("echo", {"text": "hi"}) == {"echo": {"text": "hi"}}
+    assert chat.send("first") == "second handler"
+    assert chat.send("say", [1, 2]) is None
+    assert record.wait("said")[0].data == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "channel, event, code",
+    [
+        ("chat", "no-such-event", "unknown_event"),
+        ("chat", "boom", "handler_error"),
+        ("chat", "deny", "forbidden"),
+        ("closed", "echo", "forbidden"),
+    ],
+)
+def test_error_answer_raises_reply_error(make_client, channel, event, code):
+    """An @error answer raises ReplyError carrying the protocol's code."""
+    client = make_client()
+    with pytest.raises(ReplyError) as info:
+        client.subscribe(channel).send(event, {"x": 1})
+    assert info.value.code == code and info.value.channel == channel
+    assert isinstance(info.value, RobeSocketsError)
+    if event == "deny":
+        assert info.value.message == "no, you may not"
+    if event == "boom":
+        assert "internal detail" not in str(info.value)
+
+
+def test_refused_subscribe_is_an_error_event(make_client):
+    """A refused @subscribe reaches the "error" handlers as a ReplyError."""
+    record = Recorder()
+    client = make_client(record=record)
+    client.subscribe("closed")
+    [error] = record.wait("error")
+    assert isinstance(error, ReplyError)
+    assert (error.code, error.channel) == ("forbidden", "closed")
+
+
+def test_send_timeout_when_no_answer_comes(proxy, make_client):
+    """A send whose answer never comes fails with SendTimeout after its timeout."""
+    record = Recorder()
+    client = make_client(proxy.ws_url, record=record)
+    chat = client.subscribe("chat")
+    record.wait("connect")
+    proxy.freeze()
+    started = time.monotonic()
+    with pytest.raises(SendTimeout):
+        chat.send("echo", 1, timeout=0.3)
+    assert 0.3 <= time.monotonic() - started < 2
+    assert issubclass(SendTimeout, TimeoutError)
+
+
+# -- closing ------------------------------------------------------------
+
+
+def test_close_gives_one_disconnect_and_no_reconnect(server, make_client):
+    """close() reports one disconnect (1000), stops for good and frees the socket."""
+    record = Recorder()
+    client = make_client(record=record)
+    name = unique()
+    chat = subscribed(client, name, record) and client.subscribe("chat")
+    client.close()
+    # close() returns after the handlers ran: nothing to wait for.
+    assert record.args("disconnect") == [1000]
+    assert not client._connection_thread.is_alive()  # so no reconnect can come
+    wait_until(lambda: name not in server.stats()["members"], 5, message="the server to drop it")
+    with pytest.raises(ClientClosed):
+        chat.send("echo", 1)
+    with pytest.raises(ClientClosed):
+        client.subscribe("other")
+    client.close()
+    assert record.args("disconnect") == [1000] and record.args("connect") == [()]
+
+
+# -- losing the connection ----------------------------------------------
+
+
+def test_reconnect_resubscribes_and_replays_missed_messages(server, proxy, make_client):
+    """After a drop the client reconnects, resubscribes with since/epoch and gets
+    what was published meanwhile, in order, once, then new messages."""
+    record = Recorder()
+    client = make_client(proxy.ws_url, record=record)
+    name = unique()
+    first = subscribed(client, name, record)
+    publish(server, name, "ev", 1)
+    record.wait("ev")
+    proxy.refusing = True
+    proxy.drop()
+    assert record.wait("disconnect") == [1006]
+    assert [publish(server, name, "ev", n) for n in (2, 3)] == [2, 3]
+    proxy.refusing = False
+    record.wait("subscribed", 2)
+    assert record.args("subscribed")[1] == Subscribed(recovered=True, seq=3, epoch=first.epoch)
+    publish(server, name, "ev", 4)
+    record.wait("ev", 4)
+    assert [(m.seq, m.data) for m in record.args("ev")] == [(1, 1), (2, 2), (3, 3), (4, 4)]
+    assert record.args("connect") == [(), ()]
+
+
+def test_reconnect_after_server_restart_is_not_recovered(make_server, make_client):
+    """A restarted in-memory server has a new epoch: the resubscribe answers
+    recovered false, and new messages arrive from seq 1 again."""
+    old = make_server()
+    record = Recorder()
+    client = make_client(srv=old, record=record)
+    name = unique()
+    first = subscribed(client, name, record)
+    publish(old, name, "ev", "before")
+    record.wait("ev")
+    old.stop()
+    assert record.wait("disconnect") == [1001]
+    new = make_server(port=old.port)
+    record.wait("subscribed", 2)
+    again = record.args("subscribed")[1]
+    assert again.recovered is False and again.seq == 0 and again.epoch != first.epoch
+    publish(new, name, "ev", "after")
+    record.wait("ev", 2)
+    assert [(m.seq, m.data) for m in record.args("ev")] == [(1, "before"), (1, "after")]
+
+
+def test_ping_detects_a_dead_connection(proxy, make_client):
+    """@ping keeps a quiet connection up; without @pong it counts as lost."""
+    record = Recorder()
+    client = make_client(proxy.ws_url, record=record, ping_interval=0.2, ping_timeout=0.3)
+    record.wait("connect")
+    time.sleep(1.0)  # five quiet intervals: each @ping is answered, nothing drops
+    assert record.args("disconnect") == []
+    proxy.freeze()
+    started = time.monotonic()
+    assert record.wait("disconnect") == [1006]
+    assert time.monotonic() - started < 2
+    record.wait("connect", 2)
+    assert client.connected
+
+
+def test_sends_while_disconnected_go_out_after_reconnect(proxy, make_client):
+    """Sends made while disconnected wait in the queue and get their replies after
+    the reconnect; a send in flight when the connection drops fails with ConnectionLost."""
+    record = Recorder()
+    client = make_client(proxy.ws_url, record=record)
+    chat = client.subscribe("chat")
+    record.wait("connect")
+    proxy.freeze()
+    results = {}
+
+    def send(n):
+        try:
+            results[n] = chat.send("echo", n, timeout=10)
+        except RobeSocketsError as exc:
+            results[n] = exc
+
+    in_flight = threading.Thread(target=send, args=(0,))
+    in_flight.start()
+    wait_until(lambda: client._pending, 5, message="the send to be written")
+    proxy.refusing = True
+    proxy.drop()
+    in_flight.join(5)
+    assert isinstance(results[0], ConnectionLost)
+    record.wait("disconnect")
+    threads = [threading.Thread(target=send, args=(n,)) for n in (1, 2, 3)]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: len(client._queue) == 3, 5, message="three queued sends")
+    assert not client.connected
+    proxy.refusing = False
+    for thread in threads:
+        thread.join(10)
+    assert {n: results[n] for n in (1, 2, 3)} == {n: {"echo": n} for n in (1, 2, 3)}
+
+
+def test_queue_bound_and_timeouts_fail_at_once(proxy, make_client):
+    """Past the queue bound a send fails at once; a queued send past its timeout
+    fails and frees its place; close() fails the ones still waiting."""
+    proxy.refusing = True
+    client = make_client(proxy.ws_url, queue_size=2)
+    chat = client.subscribe("chat")
+    with pytest.raises(SendTimeout):
+        chat.send("echo", "late", timeout=0.1)
+    results = []
+    threads = [
+        threading.Thread(target=lambda: results.append(_outcome(chat.send, "echo", n))) for n in (1, 2)
+    ]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: len(client._queue) == 2, 5, message="two queued sends")
+    started = time.monotonic()
+    with pytest.raises(QueueFull):
+        chat.send("echo", 3, timeout=10)
+    assert time.monotonic() - started < 0.5
+    client.close()
+    for thread in threads:
+        thread.join(5)
+    assert [type(result) for result in results] == [ClientClosed, ClientClosed]
+
+
+def _outcome(function, *args):
+    try:
+        return function(*args)
+    except RobeSocketsError as exc:
+        return exc
+
+
+# -- tickets ------------------------------------------------------------
+
+
+def test_fresh_ticket_for_every_connect(server, proxy, make_client):
+    """Each connect uses a new ticket; a used one would be refused."""
+    tickets = []
+    http = requests.Session()
+    http.hooks["response"].append(lambda response, **_: tickets.append(response.json()["ticket"]))
+    record = Recorder()
+    make_client(proxy.ws_url, session=http, record=record)
+    record.wait("connect")
+    for count in (2, 3):
+        proxy.drop()
+        record.wait("connect", count)
+    assert len(tickets) == 3 == len(set(tickets))
+    with pytest.raises(InvalidStatus) as info:
+        ws_connect(f"{server.ws_url}?ticket={tickets[0]}", open_timeout=5)
+    assert info.value.response.status_code == 401
+    assert json.loads(info.value.response.body) == {"error": "ticket_used"}
+    http.close()
+
+
+class FlakyTicketServer:
+    """Answers the first ``failures`` ticket requests 401, then passes them on."""
+
+    def __init__(self, ticket_url: str, failures: int) -> None:
+        outer = self
+        self.requests = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                outer.requests += 1
+                if outer.requests <= failures:
+                    status, body = 401, b'{"error": "unauthorized"}'
+                else:
+                    response = requests.post(ticket_url, timeout=5)
+                    status, body = response.status_code, response.content
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/ticket"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_ticket_refusal_is_an_error_event_and_retried(server, make_client):
+    """A 401 from the ticket endpoint is an "error" event, retried with backoff."""
+    flaky = FlakyTicketServer(server.url + "/ops/ticket", failures=2)
+    try:
+        record = Recorder()
+        make_client(ticket_url=flaky.url, record=record)
+        record.wait("connect")
+        errors = record.args("error")
+        assert [(type(e), e.status, e.code) for e in errors] == [(ConnectError, 401, "unauthorized")] * 2
+        assert flaky.requests == 3
+    finally:
+        flaky.close()
+
+
+def test_refused_handshake_is_an_error_event_and_retried(make_client):
+    """A handshake the server refuses reports its status and error name, and is retried."""
+    record = Recorder()
+    client = make_client(ticket_url=None, record=record)
+    errors = record.wait("error", 2)
+    assert {(type(e), e.status, e.code) for e in errors} == {(ConnectError, 401, "ticket_missing")}
+    assert not client.connected
+
+
+def test_session_cookies_carry_over_to_tickets(server, make_client):
+    """With the caller's logged-in session, tickets carry the user's identity."""
+    http = requests.Session()
+    http.post(server.url + "/login", data={"user": "alice"}, timeout=5).raise_for_status()
+    record = Recorder()
+    client = make_client(session=http, record=record)
+    client.subscribe("user:alice").on("subscribed", record("subscribed"))
+    client.subscribe("user:bob")
+    record.wait("subscribed")
+    [error] = record.wait("error")
+    assert (error.code, error.channel) == ("forbidden", "user:bob")
+    answer = client.subscribe("room:1").send("whoami")
+    assert answer == {"identity": "alice", "channel": "room:1", "id": client.id}
+    http.close()
+
+
+# -- handlers -----------------------------------------------------------
+
+
+def test_failing_handler_is_logged_and_reading_goes_on(server, make_client, caplog):
+    """A handler's exception is logged and later messages still arrive."""
+    caplog.set_level(logging.ERROR, logger="flask_robe_sockets.client")
+    record = Recorder()
+    client = make_client()
+    name = unique()
+    channel = client.subscribe(name)
+
+    def explode(message):
+        raise RuntimeError("handler bug")
+
+    channel.on("ev", explode)
+    channel.on("ev", record("ev"))
+    channel.on("subscribed", record("subscribed"))
+    record.wait("subscribed")
+    publish(server, name, "ev", 1)
+    publish(server, name, "ev", 2)
+    assert [m.data for m in record.wait("ev", 2)] == [1, 2]
+    failures = [r for r in caplog.records if r.name == "flask_robe_sockets.client" and r.exc_info]
+    assert len(failures) == 2 and "handler bug" in str(failures[0].exc_info[1])
+
+
+def test_handler_may_send_and_wait(server, make_client):
+    """A handler can call send() and wait for the reply: frames keep being read."""
+    record = Recorder()
+    client = make_client()
+    name = unique()
+    channel = client.subscribe(name)
+    chat = client.subscribe("chat")
+    channel.on("ev", lambda message: record("reply")(chat.send("echo", message.data, timeout=5)))
+    channel.on("subscribed", record("subscribed"))
+    record.wait("subscribed")
+    publish(server, name, "ev", "ping")
+    assert record.wait("reply") == [{"echo": "ping"}]
+
+
+def test_unsubscribe_stops_delivery(server, make_client):
+    """After unsubscribe the channel's handlers get nothing more."""
+    record = Recorder()
+    client = make_client()
+    name, barrier = unique(), unique("barrier")
+    subscribed(client, name, record)
+    old = client.subscribe(name)
+    client.unsubscribe(name)
+    # The server handles frames in order: once the barrier is subscribed,
+    # the unsubscribe is done, and broadcasts reach us in publish order.
+    client.subscribe(barrier).on("ev", record("barrier"))
+    client.subscribe(barrier).on("subscribed", record("barrier subscribed"))
+    record.wait("barrier subscribed")
+    publish(server, name, "ev", "unwanted")
+    publish(server, barrier, "ev", "marker")
+    record.wait("barrier")
+    assert record.args("ev") == []
+    assert client.subscribe(name) is not old
+
+
+# -- gevent -------------------------------------------------------------
+
+GEVENT_SCRIPT = """
+from gevent import monkey
+monkey.patch_all()
+
+import json, sys, threading
+import gevent
+from flask_robe_sockets.client import Client
+
+get_native_ident = monkey.get_original("threading", "get_ident")
+main_thread = get_native_ident()
+handler_threads = set()
+said = threading.Event()
+
+def on_said(message):
+    handler_threads.add(get_native_ident())
+    said.set()
+
+client = Client(sys.argv[1], ticket_url=sys.argv[2])
+chat = client.subscribe("chat")
+chat.on("said", on_said)
+ticks = [0]
+
+def tick():
+    while True:
+        ticks[0] += 1
+        gevent.sleep(0.001)
+
+ticker = gevent.spawn(tick)
+sends = [gevent.spawn(chat.send, "echo", n, timeout=10) for n in range(20)]
+gevent.joinall(sends, timeout=10, raise_error=True)
+chat.send("say", "hi", timeout=10)
+said.wait(10)
+ticker.kill()
+client.close()
+print(json.dumps({
+    "replies": [g.value for g in sends],
+    "said": said.is_set(),
+    "one_os_thread": handler_threads == {main_thread},
+    "ticked": ticks[0] > 0,
+}))
+"""
+
+
+def test_client_under_gevent(server):
+    """Monkey-patched by gevent, the client runs as greenlets and serves concurrent sends."""
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(GEVENT_SCRIPT), server.ws_url, server.url + "/ops/ticket"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {
+        "replies": [{"echo": n} for n in range(20)],
+        "said": True,
+        "one_os_thread": True,
+        "ticked": True,
+    }
