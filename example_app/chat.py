@@ -121,7 +121,8 @@ def dispatch(message: dict, user: str) -> None:
             from rq import Queue
 
             _queue = Queue("example_app", connection=Redis.from_url(REDIS_URL))
-        _queue.enqueue(post_message, message, user)
+        # Nothing reads the job's return value: do not keep it in Redis.
+        _queue.enqueue(post_message, message, user, result_ttl=0)
     else:
         # Under gunicorn's gevent worker ``threading`` is monkey-patched and
         # this is a greenlet; under ``flask run`` it is a real thread.

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import uuid
 
 import pytest
 
-from .servers import ROOT, Gunicorn
+from .servers import BIN, ROOT, Gunicorn, Process, wait_until
 
 sync_api = pytest.importorskip("playwright.sync_api")
 expect = sync_api.expect
@@ -41,16 +42,23 @@ class Chat:
     def __init__(self, browser) -> None:
         self.browser = browser
         self.pages: dict[str, sync_api.Page] = {}
-        #: Servers whose log is kept on failure; the test stops those it started.
-        self.servers: list[Gunicorn] = []
-        self._started: list[Gunicorn] = []
+        #: Processes whose log is kept on failure; the test stops those it started.
+        self.processes: list[Process] = []
+        self._started: list[Process] = []
         self.page_errors: list[str] = []
 
-    def start_server(self, port: int | None = None) -> Gunicorn:
-        server = Gunicorn(app=APP, port=port)
-        self.servers.append(server)
-        self._started.append(server)
-        return server
+    def start_server(self, port: int | None = None, **options) -> Gunicorn:
+        return self.adopt(Gunicorn(app=APP, port=port, **options))
+
+    def adopt(self, process: Process) -> Process:
+        """Keep ``process``'s log on failure, and stop it after the test."""
+        self.processes.append(process)
+        self._started.append(process)
+        return process
+
+    def watch(self, process: Process) -> None:
+        """Keep the log of a process the test did not start."""
+        self.processes.append(process)
 
     def sign_in(self, server: Gunicorn, name: str, room: str = "lobby") -> sync_api.Page:
         """A fresh browser profile (its own cookies) signed in as ``name``."""
@@ -74,14 +82,14 @@ class Chat:
                 page.screenshot(path=str(ARTIFACTS / f"{stem}-{name}.png"), full_page=True)
             except sync_api.Error:
                 pass
-        for index, server in enumerate(self.servers):
-            (ARTIFACTS / f"{stem}-server{index}.log").write_text(server.output())
+        for index, process in enumerate(self.processes):
+            (ARTIFACTS / f"{stem}-{process.name}{index}.log").write_text(process.output())
 
     def close(self) -> None:
         for page in self.pages.values():
             page.context.close()
-        for server in self._started:
-            server.stop()
+        for process in self._started:
+            process.stop()
 
 
 def expect_status(page, state: str) -> None:
@@ -135,7 +143,7 @@ def unique(text: str) -> str:
 
 def test_two_people_chat_in_a_room(chat, server):
     """Two signed-in pages in one room see each other's messages, shown as text."""
-    chat.servers.append(server)
+    chat.watch(server)
     alice = chat.sign_in(server, "alice")
     bob = chat.sign_in(server, "bob")
     hello = unique("hello bob <b>not bold</b>")
@@ -155,7 +163,7 @@ def test_two_people_chat_in_a_room(chat, server):
 
 def test_private_channel_is_refused_to_another_user(chat, server):
     """A page signed in as bob cannot join or send on alice's private channel."""
-    chat.servers.append(server)
+    chat.watch(server)
     bob = chat.sign_in(server, "bob")
     outcome = bob.evaluate(
         """async () => {
@@ -183,12 +191,13 @@ def test_private_channel_is_refused_to_another_user(chat, server):
 def test_network_cut_replays_what_was_missed(chat, server):
     """A page whose network drops shows disconnected, then gets the missed
     messages replayed in order when it is back."""
-    chat.servers.append(server)
+    chat.watch(server)
     alice = chat.sign_in(server, "alice")
     bob = chat.sign_in(server, "bob")
     bob.context.set_offline(True)
-    # The socket outlives the network: the client's unanswered @ping finds out.
-    expect_status(bob, "disconnected")
+    # The socket outlives the network: the client's unanswered @ping finds
+    # out, after its 10 s pong timeout.
+    expect(bob.locator("#status")).to_have_attribute("data-state", "disconnected", timeout=25_000)
     missed = [unique("while you were offline 1"), unique("while you were offline 2")]
     for text in missed:
         post(alice, text)
@@ -232,3 +241,32 @@ def test_server_restart_reconnects_and_reloads_the_room(chat):
     after = unique("after the restart")
     post(bob, after)
     expect(message(alice, after)).to_have_count(1)
+
+
+@pytest.mark.skipif(
+    not shutil.which("redis-server") and os.environ.get("CI") != "true",
+    reason="redis-server is not installed",
+)
+def test_with_redis_messages_go_through_an_rq_worker(chat, redis_server):
+    """With REDIS_URL the handler enqueues the message on RQ, a separate
+    ``rq worker`` runs the job, and its Publisher reaches both pages (served
+    by two gunicorn workers) and the private channel."""
+    import redis
+
+    url = redis_server.url.rsplit("/", 1)[0] + "/3"  # a database of its own
+    redis.Redis.from_url(url).flushdb()
+    env = {"REDIS_URL": url}
+    worker = chat.adopt(Process([str(BIN / "rq"), "worker", "example_app", "--url", url], env=env, name="rq"))
+    server = chat.start_server(workers=2, env=env)
+    alice = chat.sign_in(server, "alice")
+    bob = chat.sign_in(server, "bob")
+    text = unique("through the queue, @alice")
+    post(bob, text)
+    for page in (alice, bob):
+        expect(message(page, text)).to_have_count(1)
+    expect(alice.locator("#mentions li", has_text=text)).to_have_count(1)
+    wait_until(lambda: "post_message" in worker.output(), 10, message="the rq worker to log the job")
+    # The history the page loads is the one the worker wrote.
+    assert text in [entry["text"] for entry in alice.evaluate(
+        "async () => (await (await fetch('/rooms/lobby/messages')).json()).messages"
+    )]

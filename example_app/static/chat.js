@@ -91,7 +91,7 @@ channel.on("subscribed", async ({ recovered }) => {
     return;
   }
   messages.forEach(show);
-  if (again) say("Back online: the server could not replay what you missed, so the room was reloaded.");
+  if (again) say("Back online: the room's recent messages were reloaded.");
 });
 
 const inbox = client.subscribe(`user:${user}`);

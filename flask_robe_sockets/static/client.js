@@ -230,7 +230,7 @@ export class Client extends Emitter {
       this.#channels.set(name, channel);
     }
     channel._wanted = true;
-    if (this.#connected) this.#sendSubscribe(channel);
+    if (this.#connected && !channel.subscribed) this.#sendSubscribe(channel);
     return channel;
   }
 

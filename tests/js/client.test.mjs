@@ -127,6 +127,8 @@ test("recovered subscriptions keep counting from the replay", async () => {
   ws.receive({ channel: "chat", event: "message", data: 2, seq: 9 });
   assert.equal(chat.seq, 9);
   assert.equal(chat.subscribed, true);
+  assert.equal(client.subscribe("chat"), chat);
+  assert.equal(ws.sent.filter((f) => f.event === "@subscribe").length, 1, "subscribed already: not sent again");
 });
 
 test("send resolves with the reply and rejects with the error's code", async () => {
