@@ -129,7 +129,7 @@ def chat(browser, request):
 
 
 @pytest.fixture(scope="module")
-def server():
+def chat_server():
     """One example app for the tests that do not restart it."""
     server = Gunicorn(app=APP)
     yield server
@@ -141,11 +141,11 @@ def unique(text: str) -> str:
     return f"{text} {uuid.uuid4().hex[:6]}"
 
 
-def test_two_people_chat_in_a_room(chat, server):
+def test_two_people_chat_in_a_room(chat, chat_server):
     """Two signed-in pages in one room see each other's messages, shown as text."""
-    chat.watch(server)
-    alice = chat.sign_in(server, "alice")
-    bob = chat.sign_in(server, "bob")
+    chat.watch(chat_server)
+    alice = chat.sign_in(chat_server, "alice")
+    bob = chat.sign_in(chat_server, "bob")
     hello = unique("hello bob <b>not bold</b>")
     post(alice, hello)
     for page in (alice, bob):
@@ -161,10 +161,10 @@ def test_two_people_chat_in_a_room(chat, server):
     expect(bob.locator("#mentions li", has_text=reply)).to_have_count(0)
 
 
-def test_private_channel_is_refused_to_another_user(chat, server):
+def test_private_channel_is_refused_to_another_user(chat, chat_server):
     """A page signed in as bob cannot join or send on alice's private channel."""
-    chat.watch(server)
-    bob = chat.sign_in(server, "bob")
+    chat.watch(chat_server)
+    bob = chat.sign_in(chat_server, "bob")
     outcome = bob.evaluate(
         """async () => {
             const { Client } = await import("/ops/client.js");
@@ -188,12 +188,12 @@ def test_private_channel_is_refused_to_another_user(chat, server):
     assert outcome == ["forbidden", "subscribed", "forbidden"]
 
 
-def test_network_cut_replays_what_was_missed(chat, server):
+def test_network_cut_replays_what_was_missed(chat, chat_server):
     """A page whose network drops shows disconnected, then gets the missed
     messages replayed in order when it is back."""
-    chat.watch(server)
-    alice = chat.sign_in(server, "alice")
-    bob = chat.sign_in(server, "bob")
+    chat.watch(chat_server)
+    alice = chat.sign_in(chat_server, "alice")
+    bob = chat.sign_in(chat_server, "bob")
     bob.context.set_offline(True)
     # The socket outlives the network: the client's unanswered @ping finds
     # out, after its 10 s pong timeout.
