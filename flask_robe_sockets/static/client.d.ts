@@ -57,6 +57,9 @@ export interface ClientOptions {
   pingInterval?: number;
   /** ms to wait for the `@pong` before reconnecting (default 10000). */
   pongTimeout?: number;
+  /** ms for a connect, from the ticket request to `@connected`; past it the
+   * attempt is abandoned and retried (default 10000). */
+  connectTimeout?: number;
   /** Default for `SendOptions.timeout` (10000). */
   sendTimeout?: number;
   /** Sends that may wait for a connection; more fail with `queue_full` (100). */

@@ -24,6 +24,7 @@ const DEFAULTS = {
   maxReconnectDelay: 30000,
   pingInterval: 25000,
   pongTimeout: 10000,
+  connectTimeout: 10000,
   sendTimeout: 10000,
   maxQueue: 100,
 };
@@ -176,6 +177,7 @@ export class Client extends Emitter {
   #closed = false;
   #attempt = 0;
   #retryTimer = null;
+  #connectTimer = null;
   #channels = new Map();
   #lastRef = 0;
   #pending = new Map();
@@ -328,14 +330,33 @@ export class Client extends Emitter {
   async #connect() {
     this.#retryTimer = null;
     if (this.#closed) return;
+    // A server that accepts but never answers (or a network that swallows
+    // packets) must not hold the client forever: the whole connect, ticket
+    // and handshake up to @connected, has one deadline.
+    const abort = new AbortController();
+    const timeout = this.#options.connectTimeout;
+    this.#connectTimer = setTimeout(() => {
+      this.#connectTimer = null;
+      abort.abort();
+      const ws = this.#ws;
+      if (ws) {
+        this.#detach(ws);
+        ws.close();
+        this.#lost(1006, `no @connected within ${timeout} ms`);
+      }
+    }, timeout);
     let url = this.#url;
     if (this.#ticketUrl !== null) {
       let ticket;
       try {
-        ticket = await this.#fetchTicket();
+        ticket = await this.#fetchTicket(abort.signal);
       } catch (error) {
+        clearTimeout(this.#connectTimer);
+        this.#connectTimer = null;
         if (!this.#closed) {
-          this._emit("error", error);
+          this._emit("error", abort.signal.aborted
+            ? new RobeSocketsError("ticket_failed", `no ticket from ${this.#ticketUrl} within ${timeout} ms`)
+            : error);
           this.#reconnectLater();
         }
         return;
@@ -347,6 +368,8 @@ export class Client extends Emitter {
     try {
       ws = new this.#WebSocket(url);
     } catch (error) {
+      clearTimeout(this.#connectTimer);
+      this.#connectTimer = null;
       this._emit("error", new RobeSocketsError("connect_failed", `cannot open ${this.#url}: ${error.message}`));
       this.#reconnectLater();
       return;
@@ -363,7 +386,7 @@ export class Client extends Emitter {
     };
   }
 
-  async #fetchTicket() {
+  async #fetchTicket(signal) {
     let response;
     let body = null;
     try {
@@ -372,10 +395,11 @@ export class Client extends Emitter {
         credentials: "include",
         cache: "no-store",
         headers: { Accept: "application/json" },
+        signal,
       });
       body = await response.json();
     } catch (error) {
-      if (!response) {
+      if (!response || signal.aborted) {
         throw new RobeSocketsError("ticket_failed", `cannot reach ${this.#ticketUrl}: ${error.message}`);
       }
     }
@@ -400,7 +424,8 @@ export class Client extends Emitter {
   #lost(code, reason, failure = "disconnected") {
     clearTimeout(this.#watchTimer);
     clearTimeout(this.#pongTimer);
-    this.#watchTimer = this.#pongTimer = null;
+    clearTimeout(this.#connectTimer);
+    this.#watchTimer = this.#pongTimer = this.#connectTimer = null;
     const wasConnected = this.#connected;
     this.#connected = false;
     this.id = null;
@@ -422,7 +447,8 @@ export class Client extends Emitter {
     if (wasConnected) {
       this._emit("disconnect", { code, reason });
     } else if (!this.#closed) {
-      this._emit("error", new RobeSocketsError("connect_failed", `cannot open ${this.#url} (close code ${code})`));
+      this._emit("error", new RobeSocketsError("connect_failed",
+        `cannot open ${this.#url} (close code ${code}${reason ? `: ${reason}` : ""})`));
     }
     if (!this.#closed) this.#reconnectLater();
   }
@@ -510,6 +536,8 @@ export class Client extends Emitter {
   }
 
   #onConnected(data) {
+    clearTimeout(this.#connectTimer);
+    this.#connectTimer = null;
     this.#connected = true;
     this.#attempt = 0;
     this.id = data?.id ?? null;

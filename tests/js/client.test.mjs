@@ -283,3 +283,30 @@ test("the ticket URL is derived from the socket URL, in http(s)", async () => {
   assert.deepEqual(urls, ["https://example.test/live/ticket"]);
   assert.equal(FakeSocket.all[0].url, "wss://example.test/live?ticket=x");
 });
+
+test("a connect that hangs, at the ticket or before @connected, is given up and retried", async () => {
+  let calls = 0;
+  const errors = [];
+  const hanging = makeClient({
+    connectTimeout: 10,
+    fetch: (url, init) => {
+      calls += 1;
+      return new Promise((resolve, reject) => {
+        init.signal.addEventListener("abort", () => reject(new Error("aborted")));
+      });
+    },
+  });
+  hanging.on("error", (error) => errors.push(error.code));
+  await until(() => calls >= 2, "a second ticket request");
+  assert.equal(errors[0], "ticket_failed");
+  hanging.close();
+
+  const silent = makeClient({ connectTimeout: 10 });
+  const failures = [];
+  silent.on("error", (error) => failures.push(error.message));
+  const first = await socketNumber(1);
+  first.onopen();  // opened, but no @connected ever comes
+  await socketNumber(2);
+  assert.notEqual(first.closedWith, null);
+  assert.match(failures[0], /close code 1006: no @connected within 10 ms/);
+});
