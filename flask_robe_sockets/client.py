@@ -25,20 +25,21 @@ is built, so after ``gevent.monkey.patch_all()`` they are greenlets.
 
 The WebSocket is driven with wsproto directly rather than through
 ``simple_websocket.Client``, whose every part a reconnecting client would
-have to replace: it cannot bound the TCP connect, leaks its socket when the
-connect fails, spins on a connection closed during the handshake, drops the
-refusal's JSON body, leaves frames that came with the 101 unread, writes with
-``send`` (partial writes) and buffers every message in an unbounded list.
+have to replace: its TCP connect and handshake have no timeout, it leaks its
+socket when either fails (a ``ResourceWarning`` per attempt), it keeps only
+the status of a refusal and drops its JSON ``error``, it leaves frames that
+came in the same read as the 101 unread, it writes with ``send`` (a partial
+write loses the rest of the frame) and buffers messages in an unbounded list.
 
 Errors, all under :class:`~flask_robe_sockets.errors.RobeSocketsError`::
 
-    ClientError
-     +-- ReplyError       the server answered @error (has .code, .message)
-     +-- SendTimeout      no answer in time (also a TimeoutError)
-     +-- QueueFull        too many sends waiting for a connection
-     +-- ConnectionLost   sent, but the connection ended before the answer
-     +-- ClientClosed     the client was closed
-     +-- ConnectError     a connect attempt failed (given to "error" handlers)
+    ClientError           .code, as the browser client's errors have
+     +-- ReplyError       the server answered @error (its code, .message)
+     +-- SendTimeout      "timeout": no answer in time (also a TimeoutError)
+     +-- QueueFull        "queue_full": too many sends wait for a connection
+     +-- ConnectionLost   "disconnected": the connection ended before the answer
+     +-- ClientClosed     "closed": the client was closed
+     +-- ConnectError     a connect attempt failed ("error" handlers get it)
 """
 from __future__ import annotations
 
@@ -82,14 +83,17 @@ log = logging.getLogger("flask_robe_sockets.client")
 #: (RFC 6455 reserves it for exactly that; it never goes on the wire).
 CLOSE_ABNORMAL = 1006
 
-#: The channel event that reports the server's ``@subscribed``.
-SUBSCRIBED_EVENT = "subscribed"
-
 _CLIENT_EVENTS = ("connect", "disconnect", "error", "message")
 
 
 class ClientError(RobeSocketsError):
-    """Base class of the client's errors."""
+    """Base class of the client's errors.
+
+    Each has a ``code``, as the browser client's errors do: the server's
+    error code for :class:`ReplyError`, else one of the client's own.
+    """
+
+    code = "error"
 
 
 class ReplyError(ClientError):
@@ -108,12 +112,16 @@ class ReplyError(ClientError):
 
 
 class SendTimeout(ClientError, TimeoutError):
-    """No answer came in time. The event may still reach the server later
-    if it was waiting for a connection; its answer is then ignored."""
+    """No answer came in time. A send still queued is dropped; one already
+    sent may still be handled by the server, and its answer is ignored."""
+
+    code = "timeout"
 
 
 class QueueFull(ClientError):
-    """The client is disconnected and already holds ``queue_size`` sends."""
+    """The client is disconnected and already holds ``max_queue`` sends."""
+
+    code = "queue_full"
 
 
 class ConnectionLost(ClientError):
@@ -123,9 +131,13 @@ class ConnectionLost(ClientError):
     handlers need not be idempotent.
     """
 
+    code = "disconnected"
+
 
 class ClientClosed(ClientError):
     """The client was closed; it sends nothing more."""
+
+    code = "closed"
 
 
 class ConnectError(ClientError):
@@ -133,14 +145,14 @@ class ConnectError(ClientError):
 
     :param status: the HTTP status of a refused ticket request or
         handshake, else ``None``.
-    :param code: the ``error`` name of the refusal's JSON body, e.g.
-        ``"unauthorized"`` or ``"ticket_used"``, when there was one.
+    :param code: the ``error`` of the refusal's JSON body, e.g.
+        ``"unauthorized"`` or ``"ticket_used"``; else ``"connect_failed"``.
     """
 
     def __init__(self, message: str, status: int | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
-        self.code = code
+        self.code = code or "connect_failed"
 
 
 @dataclass(frozen=True)
@@ -178,19 +190,33 @@ class Channel:
         #: on resubscribe so the server can replay what came in between.
         self.seq: int | None = None
         self.epoch: str | None = None
+        #: Whether the server confirmed the subscription on this connection.
+        self.subscribed = False
+        # Subscribed on every connect, except after a refusal (until
+        # subscribe() asks again); the ref of the @subscribe in flight.
+        self._wanted = True
+        self._subscribe_ref: int | None = None
         self._handlers: defaultdict[str, list[Callable[..., Any]]] = defaultdict(list)
 
     def __repr__(self) -> str:
         return f"<Channel {self.name!r} seq={self.seq}>"
 
     def on(self, event: str, handler: Callable[..., Any]) -> Callable[..., Any]:
-        """Call ``handler(message)`` for every ``event`` on this channel.
+        """Call ``handler`` on a channel event, in the client's handler thread.
 
-        ``"subscribed"`` is the client's own: ``handler(subscribed)`` gets a
-        :class:`Subscribed` after each ``@subscribed``, the first and every
-        one after a reconnect. Handlers run in the client's handler thread.
+        - ``"<event name>"``: ``handler(message)``, a :class:`Message`, for
+          that application event only;
+        - ``"message"``: ``handler(message)`` for every application event;
+        - ``"subscribed"``: ``handler(subscribed)``, a :class:`Subscribed`,
+          after each ``@subscribed`` (reload your state when its
+          ``recovered`` is false);
+        - ``"error"``: ``handler(exc)``, a :class:`ReplyError`, when the
+          subscription is refused; the client's ``"error"`` hears it too.
+
+        As in the browser client, application events named ``subscribed``
+        or ``error`` reach those handlers (and the ``"message"`` ones).
         """
-        if event != SUBSCRIBED_EVENT and not protocol.is_valid_event(event):
+        if not protocol.is_valid_event(event):
             raise ValueError(f"invalid event name {event!r}: 1 to 64 characters, not starting with '@'")
         self._handlers[event].append(handler)
         return handler
@@ -202,7 +228,7 @@ class Channel:
         out after the reconnect.
 
         :param timeout: seconds to wait for the answer, queueing included;
-            ``None`` uses the client's ``reply_timeout``.
+            ``None`` uses the client's ``send_timeout``.
         :returns: the data of the server's ``@reply``.
         :raises ReplyError: the server answered ``@error``.
         :raises SendTimeout: no answer within ``timeout``.
@@ -212,8 +238,25 @@ class Channel:
         """
         return self.client._request(self.name, event, data, timeout)
 
-    def _dispatch(self, event: str, argument: Any) -> None:
-        self.client._emit(self._handlers[event], argument)
+    def _on_subscribed(self, subscribed: Subscribed) -> None:
+        self.subscribed = True
+        if not subscribed.recovered:
+            # Nothing replayed: new messages follow this seq. When recovered,
+            # the replay that follows moves seq on by itself.
+            self.seq = subscribed.seq
+        self.epoch = subscribed.epoch
+        self.client._emit(self._handlers["subscribed"], subscribed)
+
+    def _on_refused(self, error: ReplyError) -> None:
+        self._wanted = False
+        self.client._emit(self._handlers["error"], error)
+
+    def _deliver(self, message: Message) -> None:
+        if message.seq is not None:
+            self.seq = message.seq
+        self.client._emit(self._handlers["message"], message)
+        if message.event != "message":
+            self.client._emit(self._handlers[message.event], message)
 
 
 class _Request:
@@ -241,8 +284,8 @@ class Client:
         without one (for servers that do not require tickets).
     :param session: the ``requests.Session`` for ticket requests, so that
         cookies from a login carry over; by default a new one.
-    :param reply_timeout: seconds :meth:`Channel.send` waits by default.
-    :param queue_size: sends that may wait for a connection; more fail at
+    :param send_timeout: seconds :meth:`Channel.send` waits by default.
+    :param max_queue: sends that may wait for a connection; more fail at
         once with :class:`QueueFull`.
     :param reconnect_delay: the first backoff ceiling in seconds; it doubles
         after each failed attempt, up to ``max_reconnect_delay``, and the
@@ -251,7 +294,7 @@ class Client:
     :param ping_interval: seconds of silence from the server after which the
         client sends ``@ping``; ``None`` disables it. Keep it near the
         server's ``ROBE_SOCKETS_PING_INTERVAL`` (25 seconds).
-    :param ping_timeout: seconds to wait for anything after a ``@ping``
+    :param pong_timeout: seconds to wait for anything after a ``@ping``
         before the connection counts as lost.
     :param connect_timeout: seconds for a ticket request, TCP connect and
         handshake.
@@ -266,12 +309,12 @@ class Client:
         ticket_url: str | None = None,
         session: "requests.Session | None" = None,
         *,
-        reply_timeout: float = 10.0,
-        queue_size: int = 100,
+        send_timeout: float = 10.0,
+        max_queue: int = 100,
         reconnect_delay: float = 0.5,
         max_reconnect_delay: float = 30.0,
         ping_interval: float | None = 25.0,
-        ping_timeout: float = 10.0,
+        pong_timeout: float = 10.0,
         connect_timeout: float = 10.0,
         close_timeout: float = 5.0,
         ssl_context: ssl.SSLContext | None = None,
@@ -280,12 +323,12 @@ class Client:
             raise ValueError(f"url must start with ws:// or wss://, got {url!r}")
         self.url = url
         self.ticket_url = ticket_url
-        self.reply_timeout = reply_timeout
-        self.queue_size = queue_size
+        self.send_timeout = send_timeout
+        self.max_queue = max_queue
         self.reconnect_delay = reconnect_delay
         self.max_reconnect_delay = max_reconnect_delay
         self.ping_interval = ping_interval
-        self.ping_timeout = ping_timeout
+        self.pong_timeout = pong_timeout
         self.connect_timeout = connect_timeout
         self.close_timeout = close_timeout
         self.ssl_context = ssl_context
@@ -345,8 +388,8 @@ class Client:
         - ``"error"``: ``handler(exc)``, a :class:`ConnectError` for a failed
           connect attempt or a :class:`ReplyError` for an ``@error`` that
           answers no send (a refused subscribe);
-        - ``"message"``: ``handler(message)``, a :class:`Message` that is not
-          on a subscribed channel (sent to this connection alone).
+        - ``"message"``: ``handler(message)``, a :class:`Message` sent to
+          this connection alone outside any subscribed channel.
         """
         if event not in self._handlers:
             raise ValueError(f"unknown client event {event!r}: one of {', '.join(_CLIENT_EVENTS)}")
@@ -355,8 +398,9 @@ class Client:
 
     def subscribe(self, name: str) -> Channel:
         """Subscribe to channel ``name`` and return it; the same object for
-        the same name. Works before the socket is open: every channel is
-        subscribed on each connect."""
+        the same name. Works before the socket is open: channels are
+        subscribed on each connect. After a refusal, calling it again asks
+        the server again."""
         if not protocol.is_valid_channel(name):
             raise ValueError(
                 f"invalid channel name {name!r}: 1 to 128 characters from A-Z a-z 0-9 _ - . : /"
@@ -366,15 +410,20 @@ class Client:
             channel = self._channels.get(name)
             if channel is None:
                 channel = self._channels[name] = Channel(self, name)
-                if self._connected:
-                    self._send_subscribe(channel)
+            channel._wanted = True
+            if self._connected and not channel.subscribed:
+                self._send_subscribe(channel)
         return channel
 
     def unsubscribe(self, name: str) -> None:
         """Leave channel ``name``; its handlers get nothing more. Subscribing
         again later returns a new :class:`Channel`."""
         with self._lock:
-            if self._channels.pop(name, None) is not None and self._connected:
+            channel = self._channels.pop(name, None)
+            if channel is None:
+                return
+            channel._wanted = channel.subscribed = False
+            if self._connected:
                 self._write({"channel": name, "event": protocol.UNSUBSCRIBE})
 
     def close(self) -> None:
@@ -394,13 +443,13 @@ class Client:
             request.resolve(error=ClientClosed("the client was closed before this was sent"))
         if sock is not None:
             sock.close(protocol.CLOSE_NORMAL)
-        current = threading.current_thread()
-        if current is not self._connection_thread:
+        self._connection_thread.join(self.close_timeout)
+        if sock is not None and self._connection_thread.is_alive():
+            sock.abort()  # the server did not answer the close frame
             self._connection_thread.join(self.close_timeout)
-            if sock is not None and self._connection_thread.is_alive():
-                sock.abort()  # the server did not answer the close frame
-                self._connection_thread.join(self.close_timeout)
-        if current is not self._handler_thread:
+        # The handler thread ends after the connection thread's last event;
+        # close() may itself be running in a handler.
+        if not self._connection_thread.is_alive() and threading.current_thread() is not self._handler_thread:
             self._handler_thread.join(self.close_timeout)
         if self._own_session:
             self._session.close()
@@ -421,14 +470,14 @@ class Client:
             self._check_open()
             if self._connected:
                 self._send_request(request)
-            elif len(self._queue) >= self.queue_size:
+            elif len(self._queue) >= self.max_queue:
                 raise QueueFull(
-                    f"{len(self._queue)} sends already wait for the connection (queue_size)"
+                    f"{len(self._queue)} sends already wait for the connection (max_queue)"
                 )
             else:
                 self._queue.append(request)
         if timeout is None:
-            timeout = self.reply_timeout
+            timeout = self.send_timeout
         if not request.done.wait(timeout) and self._withdraw(request):
             raise SendTimeout(f"no answer to {event!r} on {channel!r} within {timeout}s")
         if request.error is not None:
@@ -459,7 +508,12 @@ class Client:
         return True
 
     def _send_subscribe(self, channel: Channel) -> None:
-        frame: dict[str, Any] = {"channel": channel.name, "event": protocol.SUBSCRIBE}
+        if channel._subscribe_ref is not None:
+            return  # one is on its way
+        channel._subscribe_ref = next(self._refs)
+        frame: dict[str, Any] = {
+            "channel": channel.name, "event": protocol.SUBSCRIBE, "ref": channel._subscribe_ref
+        }
         if channel.epoch is not None:
             frame["data"] = {"since": channel.seq, "epoch": channel.epoch}
         self._write(frame)
@@ -483,7 +537,8 @@ class Client:
                 try:
                     sock = self._connect()
                 except ConnectError as exc:
-                    self._emit_error(exc)
+                    if not self._stop.is_set():  # else close() cut it short
+                        self._emit_error(exc)
                 else:
                     if self._serve(sock):
                         attempt = 0
@@ -547,10 +602,10 @@ class Client:
         awaiting_pong = False
         while sock.close_code is None:
             try:
-                texts = sock.receive(self.ping_timeout if awaiting_pong else self.ping_interval)
+                texts = sock.receive(self.pong_timeout if awaiting_pong else self.ping_interval)
             except socket.timeout:
                 if awaiting_pong:
-                    log.warning("no answer to @ping within %ss: the connection is lost", self.ping_timeout)
+                    log.warning("no answer to @ping within %ss: the connection is lost", self.pong_timeout)
                     return
                 awaiting_pong = True
                 self._write({"event": protocol.PING})
@@ -568,6 +623,9 @@ class Client:
             self._connected = False
             self._socket = None
             self.id = None
+            for channel in self._channels.values():
+                channel.subscribed = False
+                channel._subscribe_ref = None
             unanswered = list(self._pending.values())
             self._pending.clear()
             closed = self._closed
@@ -597,7 +655,9 @@ class Client:
         elif event in (protocol.REPLY, protocol.ERROR):
             self._on_answer(event, channel, data, frame.get("ref"))
         elif event == protocol.SUBSCRIBED:
-            self._on_subscribed(channel, data)
+            target = self._answered_subscribe(channel, frame.get("ref"))
+            if target is not None:
+                target._on_subscribed(Subscribed(data["recovered"], data["seq"], data["epoch"]))
         elif event in (protocol.PONG, protocol.UNSUBSCRIBED):
             pass  # reading it was the point
         else:
@@ -609,7 +669,8 @@ class Client:
                 return
             self.id = data["id"]
             for channel in self._channels.values():
-                self._send_subscribe(channel)
+                if channel._wanted:
+                    self._send_subscribe(channel)
             while self._queue:
                 if not self._send_request(self._queue.popleft()):
                     break
@@ -620,34 +681,34 @@ class Client:
     def _on_answer(self, event: str, channel: str | None, data: Any, ref: Any) -> None:
         with self._lock:
             request = self._pending.pop(ref, None) if isinstance(ref, int) else None
-        error = None
-        if event == protocol.ERROR:
-            error = ReplyError(data["code"], data["message"], channel)
-        if request is not None:
-            request.resolve(None if error else data, error)
-        elif error is not None:
-            self._emit_error(error)
-
-    def _on_subscribed(self, name: str, data: dict[str, Any]) -> None:
-        channel = self._channels.get(name)
-        if channel is None:  # unsubscribed meanwhile
+        if event == protocol.REPLY:
+            if request is not None:
+                request.resolve(data)
             return
-        subscribed = Subscribed(data["recovered"], data["seq"], data["epoch"])
-        if not subscribed.recovered:
-            # Nothing replayed: new messages follow this seq. When recovered,
-            # the replay that follows moves channel.seq on by itself.
-            channel.seq = subscribed.seq
-        channel.epoch = subscribed.epoch
-        channel._dispatch(SUBSCRIBED_EVENT, subscribed)
+        error = ReplyError(data["code"], data["message"], channel)
+        if request is not None:
+            request.resolve(error=error)
+            return
+        refused = self._answered_subscribe(channel, ref)
+        if refused is not None:
+            refused._on_refused(error)
+        self._emit_error(error)
+
+    def _answered_subscribe(self, name: str | None, ref: Any) -> Channel | None:
+        """The channel whose ``@subscribe`` this answers, if it is still ours."""
+        channel = self._channels.get(name) if name is not None else None
+        if channel is None or ref is None or channel._subscribe_ref != ref:
+            return None  # unsubscribed meanwhile, or an answer we did not ask for
+        channel._subscribe_ref = None
+        return channel
 
     def _on_message(self, message: Message) -> None:
         channel = self._channels.get(message.channel) if message.channel is not None else None
-        if channel is None:
+        if channel is not None:
+            channel._deliver(message)
+        elif message.seq is None:  # to this connection alone
             self._emit(self._handlers["message"], message)
-            return
-        if message.seq is not None:
-            channel.seq = message.seq
-        channel._dispatch(message.event, message)
+        # else a broadcast on a channel just left: dropped
 
     # -- the handler thread ----------------------------------------------
 

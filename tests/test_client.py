@@ -148,7 +148,7 @@ def make_client(server):
         kwargs.setdefault("ticket_url", srv.url + "/ops/ticket")
         kwargs.setdefault("reconnect_delay", 0.05)
         kwargs.setdefault("max_reconnect_delay", 0.2)
-        kwargs.setdefault("reply_timeout", 10)
+        kwargs.setdefault("send_timeout", 10)
         kwargs.setdefault("close_timeout", 1)
         client = Client(url or srv.ws_url, **kwargs)
         clients.append(client)
@@ -191,7 +191,8 @@ def subscribed(client: Client, name: str, record: Recorder) -> Subscribed:
 
 
 def test_connect_subscribe_and_receive_broadcast(server, make_client):
-    """A client connects by itself, subscribes, and gets a broadcast with its seq."""
+    """A client connects by itself, subscribes, and gets broadcasts with their seq:
+    "message" handlers get every event, the others only their own."""
     record = Recorder()
     # No pings: if @connected stayed unread in wsproto's buffer after the
     # 101, nothing else would ever wake the reader.
@@ -199,11 +200,19 @@ def test_connect_subscribe_and_receive_broadcast(server, make_client):
     record.wait("connect")
     assert client.connected and isinstance(client.id, str)
     name = unique()
+    client.subscribe(name).on("message", record("all"))
     first = subscribed(client, name, record)
     assert first == Subscribed(recovered=False, seq=0, epoch=first.epoch)
-    seq = publish(server, name, "ev", {"text": "hi"})
-    assert record.wait("ev") == [Message(channel=name, event="ev", data={"text": "hi"}, seq=seq)]
-    assert seq == 1 and client.subscribe(name).seq == 1
+    assert client.subscribe(name).subscribed
+    assert publish(server, name, "ev", {"text": "hi"}) == 1
+    assert publish(server, name, "other", []) == 2
+    record.wait("all", 2)
+    assert record.args("all") == [
+        Message(channel=name, event="ev", data={"text": "hi"}, seq=1),
+        Message(channel=name, event="other", data=[], seq=2),
+    ]
+    assert record.args("ev") == record.args("all")[:1]
+    assert client.subscribe(name).seq == 2 and record.args("message") == []
 
 
 def test_same_channel_object_and_argument_checks(make_client):
@@ -287,13 +296,18 @@ def test_error_answer_raises_reply_error(make_client, channel, event, code):
 
 
 def test_refused_subscribe_is_an_error_event(make_client):
-    """A refused @subscribe reaches the "error" handlers as a ReplyError."""
+    """A refused @subscribe reaches the channel's and the client's "error"
+    handlers; subscribing again asks again."""
     record = Recorder()
     client = make_client(record=record)
-    client.subscribe("closed")
+    channel = client.subscribe("closed")
+    channel.on("error", record("channel error"))
     [error] = record.wait("error")
     assert isinstance(error, ReplyError)
     assert (error.code, error.channel) == ("forbidden", "closed")
+    assert record.wait("channel error") == [error] and not channel.subscribed
+    assert client.subscribe("closed") is channel
+    assert record.wait("error", 2)[1].code == "forbidden"
 
 
 def test_send_timeout_when_no_answer_comes(proxy, make_client):
@@ -304,9 +318,9 @@ def test_send_timeout_when_no_answer_comes(proxy, make_client):
     record.wait("connect")
     proxy.freeze()
     started = time.monotonic()
-    with pytest.raises(SendTimeout):
+    with pytest.raises(SendTimeout) as info:
         chat.send("echo", 1, timeout=0.3)
-    assert 0.3 <= time.monotonic() - started < 2
+    assert 0.3 <= time.monotonic() - started < 2 and info.value.code == "timeout"
     assert issubclass(SendTimeout, TimeoutError)
 
 
@@ -325,8 +339,9 @@ def test_close_gives_one_disconnect_and_no_reconnect(server, make_client):
     assert record.args("disconnect") == [1000]
     assert not client._connection_thread.is_alive()  # so no reconnect can come
     wait_until(lambda: name not in server.stats()["members"], 5, message="the server to drop it")
-    with pytest.raises(ClientClosed):
+    with pytest.raises(ClientClosed) as info:
         chat.send("echo", 1)
+    assert info.value.code == "closed"
     with pytest.raises(ClientClosed):
         client.subscribe("other")
     client.close()
@@ -382,7 +397,7 @@ def test_reconnect_after_server_restart_is_not_recovered(make_server, make_clien
 def test_ping_detects_a_dead_connection(proxy, make_client):
     """@ping keeps a quiet connection up; without @pong it counts as lost."""
     record = Recorder()
-    client = make_client(proxy.ws_url, record=record, ping_interval=0.2, ping_timeout=0.5)
+    client = make_client(proxy.ws_url, record=record, ping_interval=0.2, pong_timeout=0.5)
     record.wait("connect")
     time.sleep(1.0)  # five quiet intervals: each @ping is answered, nothing drops
     assert record.args("disconnect") == []
@@ -417,7 +432,7 @@ def test_sends_while_disconnected_go_out_after_reconnect(proxy, make_client):
     proxy.refusing = True
     proxy.drop()
     in_flight.join(5)
-    assert isinstance(results[0], ConnectionLost)
+    assert isinstance(results[0], ConnectionLost) and results[0].code == "disconnected"
     record.wait("disconnect")
     threads = [threading.Thread(target=send, args=(n,)) for n in (1, 2, 3)]
     for thread in threads:
@@ -434,7 +449,7 @@ def test_queue_bound_and_timeouts_fail_at_once(proxy, make_client):
     """Past the queue bound a send fails at once; a queued send past its timeout
     fails and frees its place; close() fails the ones still waiting."""
     proxy.refusing = True
-    client = make_client(proxy.ws_url, queue_size=2)
+    client = make_client(proxy.ws_url, max_queue=2)
     chat = client.subscribe("chat")
     with pytest.raises(SendTimeout):
         chat.send("echo", "late", timeout=0.1)
@@ -446,8 +461,9 @@ def test_queue_bound_and_timeouts_fail_at_once(proxy, make_client):
         thread.start()
     wait_until(lambda: len(client._queue) == 2, 5, message="two queued sends")
     started = time.monotonic()
-    with pytest.raises(QueueFull):
+    with pytest.raises(QueueFull) as info:
         chat.send("echo", 3, timeout=10)
+    assert info.value.code == "queue_full"
     assert time.monotonic() - started < 0.5
     client.close()
     for thread in threads:
@@ -599,7 +615,7 @@ def test_handler_may_send_and_wait(server, make_client):
 def test_unsubscribe_stops_delivery(server, make_client):
     """After unsubscribe the channel's handlers get nothing more."""
     record = Recorder()
-    client = make_client()
+    client = make_client(record=record)
     name, barrier = unique(), unique("barrier")
     subscribed(client, name, record)
     old = client.subscribe(name)
@@ -612,7 +628,7 @@ def test_unsubscribe_stops_delivery(server, make_client):
     publish(server, name, "ev", "unwanted")
     publish(server, barrier, "ev", "marker")
     record.wait("barrier")
-    assert record.args("ev") == []
+    assert record.args("ev") == [] and record.args("message") == []
     assert client.subscribe(name) is not old
 
 
