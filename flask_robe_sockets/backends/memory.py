@@ -11,16 +11,12 @@ from .base import Backend, Deliver, Recovery
 
 
 class _History:
-    """A channel's ``seq`` counter and its last broadcasts.
-
-    Each history gets its own epoch: when an idle channel's history is
-    dropped and ``seq`` later starts again from 1, clients can tell.
-    """
+    """A channel's ``seq`` counter and its last broadcasts."""
 
     __slots__ = ("epoch", "seq", "frames", "touched")
 
-    def __init__(self, size: int) -> None:
-        self.epoch = secrets.token_urlsafe(6)
+    def __init__(self, size: int, epoch: str) -> None:
+        self.epoch = epoch
         self.seq = 0
         #: ``(seq, time, frame)`` triples, oldest first.
         self.frames: deque[tuple[int, float, bytes]] = deque(maxlen=size)
@@ -36,6 +32,13 @@ class MemoryBackend(Backend):
         self._members: set[str] = set()
         self._deliver: Deliver | None = None
         self._swept = time.monotonic()
+        # Epochs are "<process token>.<generation>". The generation moves on
+        # whenever a history that had broadcasts is dropped, so a channel
+        # whose seq starts again from 1 comes back under a new epoch, while
+        # an empty channel dropped and recreated keeps the epoch its clients
+        # saw (they missed nothing).
+        self._token = secrets.token_urlsafe(6)
+        self._generation = 0
 
     def start(self, deliver: Deliver) -> None:
         self._deliver = deliver
@@ -43,7 +46,8 @@ class MemoryBackend(Backend):
     def _history(self, channel: str) -> _History:
         history = self._histories.get(channel)
         if history is None:
-            history = self._histories[channel] = _History(self.history_size)
+            epoch = f"{self._token}.{self._generation}"
+            history = self._histories[channel] = _History(self.history_size, epoch)
         return history
 
     def publish(self, channel: str, event: str, data: Any) -> int:
@@ -104,4 +108,5 @@ class MemoryBackend(Backend):
             if name not in self._members and now - history.touched > self.history_ttl
         ]
         for name in idle:
-            del self._histories[name]
+            if self._histories.pop(name).seq:
+                self._generation += 1
