@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import socket
 import threading
 import time
 from collections import deque
@@ -196,6 +197,15 @@ class Connection:
         self._closing = True
         self._server.forget(self)
         if not self._reader_done.is_set() and self._socket.connected:
+            if self._socket.draining:
+                # Our close frame is out: a FIN after it lets the client close
+                # too while the reader drops what it still sends. Closing with
+                # input unread would reset the connection instead, and the
+                # client could lose the close code (1009, 1007) with it.
+                try:
+                    self._socket.sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
             # Give the client the chance to answer our close frame.
             self._reader_done.wait(close_timeout)
         try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Callable
 
 import simple_websocket
+from wsproto.connection import ConnectionState
 from wsproto.events import (
     AcceptConnection,
     BytesMessage,
@@ -48,6 +49,9 @@ class ServerSocket(simple_websocket.Server):
     ) -> None:
         self.listener = listener
         self.accepted = False
+        #: Set once we failed the connection (1009, 1007): what the client
+        #: still sends is read and dropped until it closes.
+        self.draining = False
         # The reader thread starts inside super().__init__ and needs these.
         super().__init__(
             environ,
@@ -66,6 +70,8 @@ class ServerSocket(simple_websocket.Server):
                 data = self.sock.recv(self.receive_bytes)
                 if not data:
                     break
+                if self.draining:
+                    continue
                 listener.on_activity()
                 self.ws.receive_data(data)
                 self.connected = self._handle_events()
@@ -85,7 +91,8 @@ class ServerSocket(simple_websocket.Server):
                 self.incoming_message_len += len(data.encode() if isinstance(data, str) else data)
                 if self.incoming_message_len > self.max_message_size:
                     listener.close(protocol.CLOSE_TOO_BIG, "message too big")
-                    return False
+                    self.draining = True
+                    return True
                 if event.message_finished:
                     chunks = self.incoming_message
                     self.incoming_message = None
@@ -106,6 +113,11 @@ class ServerSocket(simple_websocket.Server):
             elif isinstance(event, CloseConnection):
                 self.close_reason = event.code
                 listener.on_close(event.code)
+                if self.ws.state is ConnectionState.OPEN:
+                    # Not the client's close but wsproto's verdict on a frame
+                    # it could not parse (1007 for bad UTF-8, 1002).
+                    self.draining = True
+                    return True
                 return False
             elif isinstance(event, Request):
                 self._write_handshake(self.ws.send(AcceptConnection()))
