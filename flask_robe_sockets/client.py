@@ -296,8 +296,8 @@ class Client:
         server's ``ROBE_SOCKETS_PING_INTERVAL`` (25 seconds).
     :param pong_timeout: seconds to wait for anything after a ``@ping``
         before the connection counts as lost.
-    :param connect_timeout: seconds for a ticket request, TCP connect and
-        handshake.
+    :param connect_timeout: seconds for each step of a connect: the ticket
+        request, the TCP connect, the handshake, and ``@connected``.
     :param close_timeout: seconds :meth:`close` waits for the server's
         close frame and for the handlers to finish.
     :param ssl_context: for ``wss://`` URLs; by default the system's.
@@ -601,9 +601,16 @@ class Client:
     def _read(self, sock: "_Socket") -> None:
         awaiting_pong = False
         while sock.close_code is None:
+            if not self._connected:
+                timeout = self.connect_timeout  # @connected is the first frame
+            else:
+                timeout = self.pong_timeout if awaiting_pong else self.ping_interval
             try:
-                texts = sock.receive(self.pong_timeout if awaiting_pong else self.ping_interval)
+                texts = sock.receive(timeout)
             except socket.timeout:
+                if not self._connected:
+                    log.warning("no @connected within %ss", self.connect_timeout)
+                    return
                 if awaiting_pong:
                     log.warning("no answer to @ping within %ss: the connection is lost", self.pong_timeout)
                     return
@@ -696,11 +703,12 @@ class Client:
 
     def _answered_subscribe(self, name: str | None, ref: Any) -> Channel | None:
         """The channel whose ``@subscribe`` this answers, if it is still ours."""
-        channel = self._channels.get(name) if name is not None else None
-        if channel is None or ref is None or channel._subscribe_ref != ref:
-            return None  # unsubscribed meanwhile, or an answer we did not ask for
-        channel._subscribe_ref = None
-        return channel
+        with self._lock:
+            channel = self._channels.get(name) if name is not None else None
+            if channel is None or ref is None or channel._subscribe_ref != ref:
+                return None  # unsubscribed meanwhile, or an answer we did not ask for
+            channel._subscribe_ref = None
+            return channel
 
     def _on_message(self, message: Message) -> None:
         channel = self._channels.get(message.channel) if message.channel is not None else None

@@ -557,6 +557,21 @@ def test_refused_handshake_is_an_error_event_and_retried(make_client):
     assert not client.connected
 
 
+def test_silent_server_times_out_and_is_retried(make_client):
+    """A server that accepts TCP but never answers the handshake costs one
+    connect_timeout per attempt, reported as an error, then a retry."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # never accepts: the kernel does
+        port = silent.getsockname()[1]
+        record = Recorder()
+        started = time.monotonic()
+        client = make_client(f"ws://127.0.0.1:{port}/ops", ticket_url=None, connect_timeout=0.2, record=record)
+        errors = record.wait("error", 2)
+        assert time.monotonic() - started < 3
+        assert all(type(e) is ConnectError and e.code == "connect_failed" for e in errors)
+        assert "timed out" in str(errors[0]) and not client.connected
+        client.close()
+
+
 def test_session_cookies_carry_over_to_tickets(server, make_client):
     """With the caller's logged-in session, tickets carry the user's identity."""
     http = requests.Session()
@@ -651,9 +666,6 @@ def on_said(message):
     handler_threads.add(get_native_ident())
     said.set()
 
-client = Client(sys.argv[1], ticket_url=sys.argv[2])
-chat = client.subscribe("chat")
-chat.on("said", on_said)
 ticks = [0]
 
 def tick():
@@ -662,12 +674,14 @@ def tick():
         gevent.sleep(0.001)
 
 ticker = gevent.spawn(tick)
-sends = [gevent.spawn(chat.send, "echo", n, timeout=10) for n in range(20)]
-gevent.joinall(sends, timeout=10, raise_error=True)
-chat.send("say", "hi", timeout=10)
-said.wait(10)
+with Client(sys.argv[1], ticket_url=sys.argv[2]) as client:
+    chat = client.subscribe("chat")
+    chat.on("said", on_said)
+    sends = [gevent.spawn(chat.send, "echo", n, timeout=10) for n in range(20)]
+    gevent.joinall(sends, timeout=10, raise_error=True)
+    chat.send("say", "hi", timeout=10)
+    said.wait(10)
 ticker.kill()
-client.close()
 print(json.dumps({
     "replies": [g.value for g in sends],
     "said": said.is_set(),
