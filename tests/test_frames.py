@@ -240,6 +240,22 @@ def test_message_over_the_maximum_closes_1009(ws_connect, fragmented):
     assert info.value.rcvd is not None and info.value.rcvd.code == 1009
 
 
+@pytest.mark.parametrize(
+    "bad, code", [("x" * 70000, 1009), (b"\xff\xfe", 1007)], ids=["oversize", "not-utf8"]
+)
+def test_close_code_survives_frames_sent_after_the_bad_one(ws_connect, bad, code):
+    """A client still sending after its bad frame gets the close code, not a reset."""
+    for _ in range(6):  # without a lingering close, about half the tries lost the code
+        ws = ws_connect(close_timeout=2)
+        ws.send(bad, text=True)
+        with pytest.raises(ConnectionClosedError) as info:
+            for _ in range(50):
+                send(ws, event="@ping")
+            while True:
+                ws.recv(timeout=5)
+        assert info.value.rcvd is not None and info.value.rcvd.code == code
+
+
 def test_bad_frames_leave_the_connection_and_others_alone(ws_connect, server):
     """A stream of bad frames neither closes that connection nor disturbs another one."""
     channel = unique_channel()
