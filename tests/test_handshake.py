@@ -201,6 +201,29 @@ def test_not_websocket_with_a_ticket_keeps_the_ticket(server):
         pass
 
 
+@pytest.mark.parametrize(
+    "upgrade, connection",
+    [("websocket", "Upgrade"), ("WebSocket", "keep-alive, Upgrade"), ("websocket", "upgrade")],
+    ids=["plain", "firefox", "lowercase"],
+)
+def test_browser_handshake_variants_upgrade(server, upgrade, connection):
+    """Header spellings browsers use (Firefox: ``Connection: keep-alive, Upgrade``) get 101."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    request = (
+        f"GET /ops?ticket={server.ticket()} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+        f"Upgrade: {upgrade}\r\nConnection: {connection}\r\nSec-WebSocket-Key: {key}\r\n"
+        f"Sec-WebSocket-Version: 13\r\nOrigin: http://127.0.0.1:{server.port}\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(request.encode())
+        received = b""
+        while b"\r\n\r\n" not in received:
+            chunk = sock.recv(4096)
+            assert chunk, received
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 101 ")
+
+
 @pytest.mark.parametrize("origin", [EVIL, "null", "http://127.0.0.1.evil.example", "http://127.0.0.1:1"])
 def test_origin_not_allowed(server, origin):
     """A foreign ``Origin`` is 403 ``origin_not_allowed``, checked before the ticket."""
