@@ -53,12 +53,11 @@ def test_issue_then_verify_returns_the_identity(identity):
     assert signer.verify(signer.issue(identity, IP), IP) == identity
 
 
-def test_tickets_are_opaque_url_safe_and_unique():
-    """Two tickets for the same caller differ (their nonces do) and fit in a URL."""
+def test_tickets_are_url_safe_and_unique():
+    """Two tickets for the same caller differ (their nonces do) and fit in a URL as they are."""
     signer = make_signer()
     first, second = signer.issue("alice", IP), signer.issue("alice", IP)
     assert first != second
-    assert "alice" not in first
     assert all(c.isalnum() or c in "-_." for c in first)
 
 
