@@ -29,17 +29,18 @@ from .servers import Gunicorn, wait_until
 OTHER_IP = "127.0.0.2"
 EVIL = "https://evil.example"
 LISTED = ["https://app.example", "http://other.example:8080"]
+SHORT_AGE = 2
 
 
 @pytest.fixture(scope="module")
 def custom():
-    """Tickets optional, no IP binding, login required for a ticket, 1 s tickets,
+    """Tickets optional, no IP binding, login required for a ticket, 2 s tickets,
     an origin list and room for 3 connections."""
     srv = Gunicorn({
         "TEST_LOGIN_REQUIRED": True,
         "ROBE_SOCKETS_TICKETS_REQUIRED": False,
         "ROBE_SOCKETS_TICKET_BIND_IP": False,
-        "ROBE_SOCKETS_TICKET_MAX_AGE": 1,
+        "ROBE_SOCKETS_TICKET_MAX_AGE": SHORT_AGE,
         "ROBE_SOCKETS_ALLOWED_ORIGINS": LISTED,
         "ROBE_SOCKETS_MAX_CONNECTIONS": 3,
     })
@@ -169,7 +170,7 @@ def test_ticket_unauthorized_without_identity(custom):
     assert response.headers["Content-Type"] == "application/json"
     assert response.json() == {"error": "unauthorized"}
     body = login(custom, "alice").post(f"{custom.url}/ops/ticket", timeout=5).json()
-    assert body["expires_in"] == 1 and body["ticket"]
+    assert body["expires_in"] == SHORT_AGE and body["ticket"]
 
 
 # -- section 2: each refusal, with every later fault present too ----------
@@ -309,8 +310,8 @@ def test_ticket_expired(custom):
     with opened(custom, used):
         pass
     issued = max(bytes_to_int(base64_decode(t.rsplit(".", 2)[1])) for t in (used, unused))
-    # itsdangerous counts whole seconds: expired once a full second past max_age (1 s).
-    wait_until(lambda: time.time() >= issued + 1 + 1, 5, message="the tickets to expire")
+    # itsdangerous counts whole seconds: expired once a full second past max_age.
+    wait_until(lambda: time.time() >= issued + SHORT_AGE + 1, 5, message="the tickets to expire")
     assert_refused(attempt(custom, unused), 401, "ticket_expired")
     assert_refused(attempt(custom, used), 401, "ticket_expired")
     assert_served(custom)
