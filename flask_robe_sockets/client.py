@@ -23,13 +23,9 @@ runs the application's handlers, in order, so that a handler may itself call
 Threads, locks and events come from the ``threading`` module when the client
 is built, so after ``gevent.monkey.patch_all()`` they are greenlets.
 
-The WebSocket is driven with wsproto directly rather than through
-``simple_websocket.Client``, whose every part a reconnecting client would
-have to replace: its TCP connect and handshake have no timeout, it leaks its
-socket when either fails (a ``ResourceWarning`` per attempt), it keeps only
-the status of a refusal and drops its JSON ``error``, it leaves frames that
-came in the same read as the 101 unread, it writes with ``send`` (a partial
-write loses the rest of the frame) and buffers messages in an unbounded list.
+The WebSocket itself is :class:`~flask_robe_sockets.clientsocket.ClientSocket`,
+wsproto over a blocking socket (its docstring says why not simple-websocket's
+client).
 
 Errors, all under :class:`~flask_robe_sockets.errors.RobeSocketsError`::
 
@@ -56,32 +52,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import urlencode, urlsplit
 
-from wsproto import ConnectionType, WSConnection
-from wsproto.connection import ConnectionState
-from wsproto.events import (
-    AcceptConnection,
-    BytesMessage,
-    CloseConnection,
-    Event,
-    Ping,
-    RejectConnection,
-    RejectData,
-    Request,
-    TextMessage,
-)
-from wsproto.utilities import LocalProtocolError, RemoteProtocolError
-
 from . import protocol
+from .clientsocket import CLOSE_ABNORMAL, ClientSocket, error_name
 from .errors import RobeSocketsError
 
 if TYPE_CHECKING:
     import requests
 
 log = logging.getLogger("flask_robe_sockets.client")
-
-#: The close code reported when the connection ended without a close frame
-#: (RFC 6455 reserves it for exactly that; it never goes on the wire).
-CLOSE_ABNORMAL = 1006
 
 _CLIENT_EVENTS = ("connect", "disconnect", "error", "message")
 
@@ -346,7 +324,7 @@ class Client:
         # pending answers; writes happen under it so that queued events go
         # out before newer ones.
         self._lock = threading.RLock()
-        self._socket: _Socket | None = None
+        self._socket: ClientSocket | None = None
         self._connected = False
         self._closed = False
         self._stop = threading.Event()
@@ -500,8 +478,8 @@ class Client:
         if the write failed, since the server then got no whole frame."""
         self._pending[request.ref] = request
         try:
-            self._socket.send(TextMessage(data=request.text))
-        except ConnectionLost:
+            self._socket.send_text(request.text)
+        except OSError:
             del self._pending[request.ref]
             self._queue.appendleft(request)
             return False
@@ -524,8 +502,8 @@ class Client:
         sock = self._socket
         if sock is not None:
             try:
-                sock.send(TextMessage(data=protocol.dumps(frame)))
-            except ConnectionLost:
+                sock.send_text(protocol.dumps(frame))
+            except OSError:
                 pass
 
     # -- the connection thread -------------------------------------------
@@ -552,15 +530,17 @@ class Client:
         ceiling = min(self.max_reconnect_delay, self.reconnect_delay * 2 ** min(attempt, 32))
         return random.uniform(0, ceiling)
 
-    def _connect(self) -> "_Socket":
+    def _connect(self) -> ClientSocket:
         url = self.url
         if self._session is not None:
             separator = "&" if urlsplit(url).query else "?"
             url += separator + urlencode({"ticket": self._fetch_ticket()})
         try:
-            return _Socket(url, self.connect_timeout, self.ssl_context)
-        except OSError as exc:
-            raise ConnectError(f"cannot connect to {self.url}: {exc}") from exc
+            return ClientSocket(url, self.connect_timeout, self.ssl_context)
+        except OSError as exc:  # Refused has the status and error of the answer
+            raise ConnectError(
+                f"cannot connect to {self.url}: {exc}", getattr(exc, "status", None), getattr(exc, "error", None)
+            ) from exc
 
     def _fetch_ticket(self) -> str:
         try:
@@ -572,7 +552,7 @@ class Client:
                 raise ConnectError(
                     f"{self.ticket_url} refused a ticket: {response.status_code}",
                     response.status_code,
-                    _error_name(response.content),
+                    error_name(response.content),
                 )
             try:
                 ticket = response.json()["ticket"]
@@ -582,7 +562,7 @@ class Client:
             raise ConnectError(f"{self.ticket_url} answered without a ticket", response.status_code)
         return ticket
 
-    def _serve(self, sock: "_Socket") -> bool:
+    def _serve(self, sock: ClientSocket) -> bool:
         """Read ``sock`` until it ends; whether it got as far as ``@connected``."""
         with self._lock:
             if self._closed:
@@ -598,7 +578,7 @@ class Client:
             self._emit_error(ConnectError(f"the connection closed ({sock.close_code}) before @connected"))
         return connected
 
-    def _read(self, sock: "_Socket") -> None:
+    def _read(self, sock: ClientSocket) -> None:
         awaiting_pong = False
         while sock.close_code is None:
             if not self._connected:
@@ -738,149 +718,3 @@ class Client:
                     handler(*args)
                 except Exception:
                     log.exception("handler %r failed", handler)
-
-
-class _Socket:
-    """One WebSocket connection: wsproto over a blocking socket.
-
-    Reads happen in the connection thread only. Writes may come from any
-    thread: a lock keeps wsproto's state and the frames whole, and every
-    frame goes out with ``sendall``.
-    """
-
-    def __init__(self, url: str, timeout: float, ssl_context: ssl.SSLContext | None) -> None:
-        parts = urlsplit(url)
-        secure = parts.scheme == "wss"
-        sock = socket.create_connection((parts.hostname, parts.port or (443 if secure else 80)), timeout)
-        try:
-            if secure:
-                context = ssl_context or ssl.create_default_context()
-                sock = context.wrap_socket(sock, server_hostname=parts.hostname)
-            self.sock = sock
-            self.ws = WSConnection(ConnectionType.CLIENT)
-            self.close_code: int | None = None
-            self._write_lock = threading.Lock()
-            self._fragments: list[str] = []
-            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            self._handshake(parts.netloc.rpartition("@")[2], target)
-        except BaseException:
-            sock.close()
-            raise
-
-    def _handshake(self, host: str, target: str) -> None:
-        self.sock.sendall(self.ws.send(Request(host=host, target=target)))
-        status = 0
-        body = b""
-        while True:
-            data = self.sock.recv(65536)
-            if not data:
-                raise ConnectError("the server closed the connection during the handshake", status or None)
-            try:
-                self.ws.receive_data(data)
-                for event in self.ws.events():
-                    if isinstance(event, AcceptConnection):
-                        # Frames that came in the same read as the 101 (often
-                        # @connected) stay in wsproto's buffer: receive()
-                        # returns them before it waits for more.
-                        return
-                    if isinstance(event, RejectConnection):
-                        status = event.status_code
-                        if not event.has_body:
-                            raise _refused(status, b"")
-                    elif isinstance(event, RejectData):
-                        body += event.data
-                        if event.body_finished:
-                            raise _refused(status, body)
-            except RemoteProtocolError as exc:
-                raise ConnectError(f"the server's handshake answer is broken: {exc}") from None
-
-    def receive(self, timeout: float | None) -> list[str]:
-        """The text messages completed by the next data, waiting up to
-        ``timeout`` seconds for it.
-
-        Messages already buffered come first, without waiting. Raises
-        ``socket.timeout`` when nothing came; sets ``close_code`` when the
-        connection is over (1006 if it ended without a close frame).
-        """
-        texts = self._drain()
-        if texts or self.close_code is not None:
-            return texts
-        self.sock.settimeout(timeout)
-        try:
-            data = self.sock.recv(65536)
-        except socket.timeout:
-            raise
-        except OSError:
-            data = b""
-        if not data:
-            self.close_code = CLOSE_ABNORMAL
-            return []
-        self.ws.receive_data(data)
-        return self._drain()
-
-    def _drain(self) -> list[str]:
-        texts = []
-        for event in self.ws.events():
-            if isinstance(event, TextMessage):
-                self._fragments.append(event.data)
-                if event.message_finished:
-                    texts.append("".join(self._fragments))
-                    self._fragments.clear()
-            elif isinstance(event, Ping):
-                self._send_quietly(event.response())
-            elif isinstance(event, CloseConnection):
-                if self.ws.state is not ConnectionState.CLOSED:
-                    self._send_quietly(event.response())
-                self.close_code = int(event.code)
-                break
-            elif isinstance(event, BytesMessage):
-                log.warning("ignored a binary frame: the protocol has none")
-        return texts
-
-    def send(self, event: Event) -> None:
-        """Write ``event`` whole; any failure ends the connection.
-
-        :raises ConnectionLost: the frame could not be written.
-        """
-        with self._write_lock:
-            try:
-                self.sock.sendall(self.ws.send(event))
-            except (OSError, LocalProtocolError) as exc:
-                self.abort()
-                raise ConnectionLost(f"the connection is gone: {exc}") from exc
-
-    def _send_quietly(self, event: Event) -> None:
-        try:
-            self.send(event)
-        except ConnectionLost:
-            pass  # the next read sees the end
-
-    def close(self, code: int) -> None:
-        """Start the closing handshake; the reader ends with the server's answer."""
-        self._send_quietly(CloseConnection(code=code))
-
-    def abort(self) -> None:
-        """End the connection now; wakes the reader (``close()`` alone would
-        not wake a thread blocked in ``recv`` on Linux)."""
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-    def release(self) -> None:
-        self.sock.close()
-
-
-def _error_name(body: bytes) -> str | None:
-    """The ``error`` of a refusal's JSON body, e.g. ``"ticket_used"``."""
-    try:
-        value = json.loads(body)
-    except ValueError:
-        return None
-    error = value.get("error") if isinstance(value, dict) else None
-    return error if isinstance(error, str) else None
-
-
-def _refused(status: int, body: bytes) -> ConnectError:
-    code = _error_name(body)
-    return ConnectError(f"the server refused the WebSocket: {status} {code or ''}".rstrip(), status, code)
