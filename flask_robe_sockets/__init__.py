@@ -18,6 +18,7 @@ from .errors import (
 )
 from .extension import RobeSockets
 from .message import Message
+from .publisher import Publisher
 
 __all__ = [
     "Backend",
@@ -28,6 +29,7 @@ __all__ = [
     "Message",
     "ProtocolError",
     "PublishError",
+    "Publisher",
     "RobeSockets",
     "RobeSocketsError",
     "TicketError",

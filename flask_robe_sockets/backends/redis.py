@@ -1,0 +1,416 @@
+"""The Redis backend: every worker, on every machine, shares the channels.
+
+What is kept where:
+
+- In Redis, per channel (keys expire ``history_ttl`` after the channel's
+  last broadcast): ``robe:{<channel>}:meta``, a hash with the channel's
+  ``epoch`` and last ``seq``; ``robe:{<channel>}:log``, a stream of its last
+  ``history_size`` frames. Used ticket nonces: ``robe:nonce:<nonce>``.
+- In each worker: which channels its own clients joined (``channels.Hub``),
+  and one pub/sub connection subscribed to exactly those channels.
+
+A broadcast is one Lua script (``PUBLISH_SCRIPT``): the next ``seq``, the
+history entry and the ``PUBLISH`` happen atomically, so ``seq`` order is
+delivery order on every worker. The frame's JSON is encoded once, by the
+publisher; Redis only appends ``"seq"``. Each worker wraps it in a WebSocket
+frame once and hands the same bytes to all its members.
+
+Why one ``SUBSCRIBE`` per channel rather than one shared channel or a
+pattern: with a shared channel (or ``PSUBSCRIBE robe:*``), every worker
+reads and parses every broadcast of the whole site, and a worker's read rate
+caps the site's total throughput whatever the number of workers. With
+per-channel subscriptions Redis sends a worker only the channels its clients
+joined, so adding workers adds capacity; the price is one ``SUBSCRIBE``
+round trip when a worker's first member of a channel joins.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import secrets
+import time
+from typing import Any
+
+import gevent
+import gevent.event
+import gevent.lock
+import redis
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.retry import Retry
+
+from .. import protocol
+from ..errors import PublishError
+from .base import Backend, Deliver, Recovery
+
+log = logging.getLogger("flask_robe_sockets")
+
+#: KEYS: meta, log. ARGV: frame JSON without its closing brace, pub/sub
+#: channel, an epoch to use if the channel has none, history size, TTL (ms).
+#: The pub/sub message is ``<epoch> <seq> <frame JSON>``.
+PUBLISH_SCRIPT = """
+if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[3]) == 1 then
+  redis.call('DEL', KEYS[2])  -- a new epoch starts with an empty history
+end
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local frame = ARGV[1] .. ',"seq":' .. seq .. '}'
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+if tonumber(ARGV[4]) > 0 then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 's', seq, 'f', frame)
+  redis.call('PEXPIRE', KEYS[2], ARGV[5])
+end
+redis.call('PUBLISH', ARGV[2], epoch .. ' ' .. seq .. ' ' .. frame)
+return seq
+"""
+
+#: KEYS: meta, log. ARGV: an epoch to use if the channel has none, TTL (ms),
+#: ``since`` (-1: none), the client's epoch ('' : none), history size.
+#: Returns the epoch, the last seq and, when a replay can be complete, the
+#: frames after ``since`` still younger than the TTL, newest first.
+RECOVER_SCRIPT = """
+if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1]) == 1 then
+  redis.call('DEL', KEYS[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq')
+local seq = tonumber(meta[2]) or 0
+local since = tonumber(ARGV[3])
+local frames = {}
+if since >= 0 and since < seq and seq - since <= tonumber(ARGV[5])
+    and (ARGV[4] == '' or ARGV[4] == meta[1]) then
+  local now = redis.call('TIME')
+  local cutoff = now[1] * 1000 + math.floor(now[2] / 1000) - tonumber(ARGV[2])
+  local entries = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', seq - since)
+  for _, entry in ipairs(entries) do
+    if tonumber(string.match(entry[1], '^%d+')) < cutoff then break end
+    table.insert(frames, entry[2][2])
+    table.insert(frames, entry[2][4])
+  end
+end
+return {meta[1], seq, frames}
+"""
+
+#: Seconds of silence on the pub/sub connection before it is checked with a
+#: PING; no answer within as long again counts as a lost connection.
+KEEPALIVE = 15
+#: Reconnection backoff of the listener: first delay and cap, in seconds.
+BACKOFF_START = 0.1
+BACKOFF_CAP = 5.0
+#: Channels per SUBSCRIBE command when re-subscribing after a reconnect.
+SUBSCRIBE_BATCH = 1000
+
+
+class _Subscription:
+    """This worker's pub/sub state for one channel."""
+
+    __slots__ = ("ready", "pending", "epoch", "last")
+
+    def __init__(self) -> None:
+        #: Set once Redis confirmed the SUBSCRIBE: from then on no broadcast
+        #: can be missed, so the history may be read.
+        self.ready = gevent.event.Event()
+        self.pending = 0
+        #: Epoch and seq of the last broadcast delivered, to drop the ones
+        #: a reconnect's gap-filling already delivered.
+        self.epoch: str | None = None
+        self.last = 0
+
+
+class RedisBackend(Backend):
+    """Broadcasts through Redis pub/sub, history in Redis streams.
+
+    :param url: ``redis://host:port/db`` (``rediss://`` and ``unix://`` too).
+    :param history_size: broadcasts kept per channel for recovery (100).
+    :param history_ttl: seconds a broadcast stays recoverable (300).
+    :param max_connections: command connections per process (50); a send
+        waits up to ``timeout`` seconds for a free one.
+    :param timeout: seconds a Redis command may take before it fails (5).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        history_size: int = 100,
+        history_ttl: float = 300,
+        max_connections: int = 50,
+        timeout: float = 5.0,
+    ) -> None:
+        self.url = url
+        self.history_size = history_size
+        self.history_ttl = history_ttl
+        self.timeout = timeout
+        self._ttl_ms = max(1, int(history_ttl * 1000))
+        # redis-py retries a failed command 10 times with backoff by default,
+        # which holds a send for seconds while Redis is down; one quick retry
+        # covers a pooled connection Redis closed, then the caller hears of it.
+        self._pool = redis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=timeout,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            health_check_interval=0,
+            retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1),
+        )
+        self.redis = redis.Redis(connection_pool=self._pool)
+        # Only the settings of the listener's connections, made one at a time.
+        # RESP2: redis-py 8 speaks RESP3 by default, where a pub/sub message
+        # is a push that read_response() stringifies for a debug log and then
+        # skips unless asked for with push_request.
+        self._listen_pool = redis.ConnectionPool.from_url(
+            url,
+            protocol=2,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            health_check_interval=0,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._publish = self.redis.register_script(PUBLISH_SCRIPT)
+        self._recover = self.redis.register_script(RECOVER_SCRIPT)
+        # Pub/sub is not scoped to a database: name the database in the
+        # channel so that apps on two databases of one Redis stay apart.
+        db = self._pool.connection_kwargs.get("db", 0)
+        self._prefix = f"robe:{db}:"
+        self._deliver: Deliver | None = None
+        self._subscriptions: dict[str, _Subscription] = {}
+        self._conn: Any = None
+        # Serialises writes to the pub/sub connection, which several
+        # greenlets subscribe through while the listener reads it.
+        self._write_lock = gevent.lock.RLock()
+        self._listener: gevent.Greenlet | None = None
+        #: Failed connection attempts in a row: non-zero while Redis is away.
+        self._failures = 0
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<RedisBackend {self._where()}>"
+
+    def _where(self) -> str:
+        kwargs = self._pool.connection_kwargs
+        if "path" in kwargs:
+            return kwargs["path"]
+        return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
+
+    def _keys(self, channel: str) -> list[str]:
+        # The braces keep a channel's keys in one slot of a Redis Cluster.
+        return [f"robe:{{{channel}}}:meta", f"robe:{{{channel}}}:log"]
+
+    # -- publishing ------------------------------------------------------
+
+    def publish(self, channel: str, event: str, data: Any) -> int:
+        head = protocol.encode(event, data, channel)[:-1]  # Redis appends "seq"
+        args = [head, self._prefix + channel, secrets.token_urlsafe(6), self.history_size, self._ttl_ms]
+        try:
+            return self._publish(keys=self._keys(channel), args=args)
+        except redis.RedisError as exc:
+            raise PublishError(
+                f"could not send {event!r} to channel {channel!r}: Redis at {self._where()}"
+                f" did not take it ({exc}). Nobody received it; send it again once Redis is back."
+            ) from exc
+
+    def recover(self, channel: str, since: int | None, epoch: str | None) -> Recovery:
+        subscription = self._subscriptions.get(channel)
+        if subscription is not None and not subscription.ready.is_set():
+            # Reading the history before Redis confirmed the SUBSCRIBE could
+            # miss a broadcast published in between.
+            if self._failures or not subscription.ready.wait(self.timeout):
+                raise PublishError(f"Redis at {self._where()} is unreachable: cannot join {channel!r}")
+        args = [secrets.token_urlsafe(6), self._ttl_ms, -1 if since is None else since,
+                epoch or "", self.history_size]
+        try:
+            current, seq, flat = self._recover(keys=self._keys(channel), args=args)
+        except redis.RedisError as exc:
+            raise PublishError(f"could not read the history of {channel!r} from Redis: {exc}") from exc
+        current = current.decode()
+        if subscription is not None and subscription.epoch is None:
+            subscription.epoch = current
+            subscription.last = max(subscription.last, seq)
+        answer = Recovery(False, seq, current)
+        if since is None or since > seq or (epoch is not None and epoch != current):
+            return answer
+        frames = [(int(flat[i]), protocol.ws_frame(flat[i + 1])) for i in range(len(flat) - 2, -1, -2)]
+        if len(frames) == seq - since and (not frames or frames[0][0] == since + 1):
+            answer.recovered = True
+            answer.frames = frames
+        return answer
+
+    def claim_nonce(self, nonce: str, ttl: float) -> bool:
+        try:
+            return bool(self.redis.set(f"robe:nonce:{nonce}", 1, nx=True, px=max(1, int(ttl * 1000))))
+        except redis.RedisError as exc:
+            raise PublishError(f"could not check the ticket with Redis at {self._where()}: {exc}") from exc
+
+    # -- this worker's subscriptions ------------------------------------
+
+    def start(self, deliver: Deliver) -> None:
+        # The listener starts with the first subscription, so that an app
+        # imported before gunicorn forks (--preload) starts it in the worker.
+        self._deliver = deliver
+
+    def subscribe(self, channel: str) -> None:
+        if channel not in self._subscriptions:
+            self._subscriptions[channel] = _Subscription()
+        if self._listener is None and not self._closed:
+            self._listener = gevent.spawn(self._listen)
+        self._send_subscribe([channel])
+
+    def unsubscribe(self, channel: str) -> None:
+        if self._subscriptions.pop(channel, None) is None:
+            return
+        with self._write_lock:
+            if self._conn is not None:
+                try:
+                    self._conn.send_command("UNSUBSCRIBE", self._prefix + channel, check_health=False)
+                except redis.RedisError as exc:
+                    log.info("UNSUBSCRIBE %r failed (%s): the listener reconnects", channel, exc)
+
+    def _send_subscribe(self, channels: list[str]) -> None:
+        """Ask Redis for ``channels``; without a connection the listener will."""
+        with self._write_lock:
+            if self._conn is None:
+                return
+            names = []
+            for channel in channels:
+                subscription = self._subscriptions.get(channel)
+                if subscription is not None:
+                    subscription.pending += 1
+                    names.append(self._prefix + channel)
+            try:
+                for start in range(0, len(names), SUBSCRIBE_BATCH):
+                    self._conn.send_command("SUBSCRIBE", *names[start:start + SUBSCRIBE_BATCH], check_health=False)
+            except redis.RedisError as exc:
+                log.info("SUBSCRIBE failed (%s): the listener reconnects", exc)
+
+    def _listen(self) -> None:
+        """The listener greenlet: read pub/sub for ever, reconnecting as needed."""
+        lost_at = 0.0
+        while not self._closed:
+            conn = None
+            try:
+                conn = self._listen_pool.connection_class(**self._listen_pool.connection_kwargs)
+                conn.connect()
+                with self._write_lock:
+                    self._conn = conn
+                    self._send_subscribe(list(self._subscriptions))
+                if self._failures:
+                    log.warning(
+                        "reconnected to Redis at %s after %d attempts (%.1fs): resubscribed to %d channels",
+                        self._where(), self._failures, time.monotonic() - lost_at, len(self._subscriptions),
+                    )
+                    self._failures = 0
+                self._read(conn, resync=lost_at > 0)
+            except Exception as exc:  # whatever broke, the way back is the same
+                if self._closed:
+                    break
+                self._failures += 1
+                failures = self._failures
+                delay = min(BACKOFF_CAP, BACKOFF_START * 2 ** min(failures - 1, 16)) * random.uniform(0.5, 1)
+                if failures == 1:
+                    lost_at = time.monotonic()
+                    log.warning(
+                        "lost the Redis pub/sub connection to %s (%s): reconnecting in %.1fs",
+                        self._where(), exc, delay,
+                    )
+                elif failures & (failures - 1) == 0:  # 2, 4, 8...: the log stays short
+                    log.warning(
+                        "Redis at %s still unreachable after %d attempts (%s): retrying in %.1fs",
+                        self._where(), failures - 1, exc, delay,
+                    )
+            finally:
+                with self._write_lock:
+                    self._conn = None
+                    for subscription in self._subscriptions.values():
+                        subscription.ready.clear()
+                        subscription.pending = 0
+                if conn is not None:
+                    conn.disconnect()
+            if not self._closed:
+                gevent.sleep(delay if self._failures else 0)
+
+    def _read(self, conn: Any, resync: bool) -> None:
+        """Deliver what the pub/sub connection brings until it fails.
+
+        After a reconnect (``resync``), broadcasts sent while this worker
+        was not listening are read from the history first, and the live ones
+        that arrived meanwhile are delivered after them, each once.
+        """
+        held: list[tuple[bytes, bytes]] | None = [] if resync else None
+        waiting = {self._prefix.encode() + c.encode() for c in self._subscriptions}
+        pinged = False
+        while True:
+            if not conn.can_read(timeout=KEEPALIVE):
+                if pinged:
+                    raise redis.ConnectionError(f"no answer to PING within {KEEPALIVE}s")
+                with self._write_lock:
+                    conn.send_command("PING", check_health=False)
+                pinged = True
+                continue
+            reply = conn.read_response(disconnect_on_error=False)
+            pinged = False
+            kind = reply[0]
+            if kind == b"message":
+                if held is None:
+                    self._on_message(reply[1], reply[2])
+                else:
+                    held.append((reply[1], reply[2]))
+            elif kind == b"subscribe":
+                waiting.discard(reply[1])
+                subscription = self._subscriptions.get(reply[1].decode()[len(self._prefix):])
+                if subscription is not None:
+                    subscription.pending -= 1
+                    if subscription.pending <= 0:
+                        subscription.ready.set()
+            if held is not None and not waiting:
+                self._fill_gaps()
+                for name, payload in held:
+                    self._on_message(name, payload)
+                held = None
+
+    def _fill_gaps(self) -> None:
+        for channel, subscription in list(self._subscriptions.items()):
+            if subscription.epoch is None:
+                continue
+            try:
+                recovery = self.recover(channel, subscription.last, subscription.epoch)
+                if recovery.epoch != subscription.epoch:  # Redis lost the channel meanwhile
+                    subscription.epoch, subscription.last = recovery.epoch, 0
+                    recovery = self.recover(channel, 0, recovery.epoch)
+            except PublishError as exc:
+                log.warning("cannot read what %r missed while Redis was unreachable: %s", channel, exc)
+                continue
+            if not recovery.recovered:
+                log.warning("broadcasts on %r were lost while Redis was unreachable", channel)
+            for seq, frame in recovery.frames:
+                subscription.last = seq
+                self._hand_over(channel, seq, frame)
+
+    def _on_message(self, name: bytes, payload: bytes) -> None:
+        channel = name[len(self._prefix):].decode()
+        subscription = self._subscriptions.get(channel)
+        if subscription is None:  # left while the message was under way
+            return
+        epoch, seq, text = payload.split(b" ", 2)
+        seq = int(seq)
+        epoch = epoch.decode()
+        if epoch == subscription.epoch:
+            if seq <= subscription.last:
+                return
+        else:
+            subscription.epoch = epoch
+        subscription.last = seq
+        self._hand_over(channel, seq, protocol.ws_frame(text))
+
+    def _hand_over(self, channel: str, seq: int, frame: bytes) -> None:
+        if self._deliver is None:
+            return
+        try:
+            self._deliver(channel, seq, frame)
+        except Exception:
+            log.exception("delivering seq %d of %r failed", seq, channel)
+
+    def close(self) -> None:
+        self._closed = True
+        if self._listener is not None:
+            self._listener.kill(block=False)
+            self._listener = None
+        self._pool.disconnect()
