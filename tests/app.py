@@ -6,6 +6,7 @@ without another module.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import os
@@ -15,7 +16,9 @@ import gevent
 import greenlet
 from flask import Flask, current_app, jsonify, request, session
 
-from flask_robe_sockets import Connection, Forbidden, RobeSockets
+from flask_robe_sockets import Connection, Forbidden, PublishError, RobeSockets
+
+from . import jobs
 
 sockets = RobeSockets()
 
@@ -88,6 +91,11 @@ def create_app() -> Flask:
             result["greenlets"] = sum(isinstance(o, greenlet.greenlet) for o in objects)
             result["connection_objects"] = sum(isinstance(o, Connection) for o in objects)
         return jsonify(result)
+
+    @app.errorhandler(PublishError)
+    def publish_failed(exc):
+        """A send the backend refused reaches the caller, as an app would report it."""
+        return jsonify(error="publish_failed", message=str(exc)), 503
 
     return app
 
@@ -203,3 +211,21 @@ def not_json(message, connection):
 @sockets.on_disconnect
 def count_disconnect(connection):
     DISCONNECTS[connection.id] = DISCONNECTS.get(connection.id, 0) + 1
+
+
+@sockets.on("shout", channel="jobs:*")
+def shout(message, connection):
+    """Hands the work to a background job: RQ with Redis, else a local greenlet."""
+    url = current_app.config["ROBE_SOCKETS_REDIS_URL"]
+    if url is None:
+        gevent.spawn(jobs.shout, message.to_dict(), sockets)
+        return {"queued": None}
+    return {"queued": _queue(url).enqueue(jobs.shout, message.to_dict()).id}
+
+
+@functools.lru_cache(maxsize=None)
+def _queue(url):
+    from redis import Redis
+    from rq import Queue
+
+    return Queue(jobs.QUEUE, connection=Redis.from_url(url))
