@@ -124,7 +124,8 @@ class ConnectError(ClientError):
     :param status: the HTTP status of a refused ticket request or
         handshake, else ``None``.
     :param code: the ``error`` of the refusal's JSON body, e.g.
-        ``"unauthorized"`` or ``"ticket_used"``; else ``"connect_failed"``.
+        ``"unauthorized"`` or ``"ticket_used"``; else ``"ticket_failed"``
+        when no ticket came, ``"connect_failed"`` when the socket failed.
     """
 
     def __init__(self, message: str, status: int | None = None, code: str | None = None) -> None:
@@ -400,7 +401,7 @@ class Client:
             channel = self._channels.pop(name, None)
             if channel is None:
                 return
-            channel._wanted = channel.subscribed = False
+            channel.subscribed = False
             if self._connected:
                 self._write({"channel": name, "event": protocol.UNSUBSCRIBE})
 
@@ -427,7 +428,8 @@ class Client:
             self._connection_thread.join(self.close_timeout)
         # The handler thread ends after the connection thread's last event;
         # close() may itself be running in a handler.
-        if not self._connection_thread.is_alive() and threading.current_thread() is not self._handler_thread:
+        in_handler = threading.current_thread() is self._handler_thread
+        if not self._connection_thread.is_alive() and not in_handler:
             self._handler_thread.join(self.close_timeout)
         if self._own_session:
             self._session.close()
@@ -443,7 +445,8 @@ class Client:
             raise ValueError(f"invalid event name {event!r}: 1 to 64 characters, not starting with '@'")
         ref = next(self._refs)
         # Encoded here so that data that is not JSON fails in the caller.
-        request = _Request(ref, protocol.dumps({"channel": channel, "event": event, "data": data, "ref": ref}))
+        frame = {"channel": channel, "event": event, "data": data, "ref": ref}
+        request = _Request(ref, protocol.dumps(frame))
         with self._lock:
             self._check_open()
             if self._connected:
@@ -538,28 +541,29 @@ class Client:
         try:
             return ClientSocket(url, self.connect_timeout, self.ssl_context)
         except OSError as exc:  # Refused has the status and error of the answer
-            raise ConnectError(
-                f"cannot connect to {self.url}: {exc}", getattr(exc, "status", None), getattr(exc, "error", None)
-            ) from exc
+            status, error = getattr(exc, "status", None), getattr(exc, "error", None)
+            raise ConnectError(f"cannot connect to {self.url}: {exc}", status, error) from exc
 
     def _fetch_ticket(self) -> str:
         try:
             response = self._session.post(self.ticket_url, timeout=self.connect_timeout)
         except OSError as exc:  # requests' errors are OSErrors too
-            raise ConnectError(f"cannot get a ticket from {self.ticket_url}: {exc}") from exc
+            message = f"cannot get a ticket from {self.ticket_url}: {exc}"
+            raise ConnectError(message, code="ticket_failed") from exc
         with response:
             if response.status_code != 200:
                 raise ConnectError(
                     f"{self.ticket_url} refused a ticket: {response.status_code}",
                     response.status_code,
-                    error_name(response.content),
+                    error_name(response.content) or "ticket_failed",
                 )
             try:
                 ticket = response.json()["ticket"]
             except (ValueError, KeyError, TypeError):
                 ticket = None
         if not isinstance(ticket, str):
-            raise ConnectError(f"{self.ticket_url} answered without a ticket", response.status_code)
+            message = f"{self.ticket_url} answered without a ticket"
+            raise ConnectError(message, response.status_code, "ticket_failed")
         return ticket
 
     def _serve(self, sock: ClientSocket) -> bool:
@@ -575,7 +579,8 @@ class Client:
             sock.release()
         connected = self._lost(sock.close_code)
         if not connected and not self._closed:
-            self._emit_error(ConnectError(f"the connection closed ({sock.close_code}) before @connected"))
+            code = sock.close_code or CLOSE_ABNORMAL
+            self._emit_error(ConnectError(f"the connection closed ({code}) before @connected"))
         return connected
 
     def _read(self, sock: ClientSocket) -> None:
@@ -592,7 +597,7 @@ class Client:
                     log.warning("no @connected within %ss", self.connect_timeout)
                     return
                 if awaiting_pong:
-                    log.warning("no answer to @ping within %ss: the connection is lost", self.pong_timeout)
+                    log.warning("no answer to @ping within %ss: connection lost", self.pong_timeout)
                     return
                 awaiting_pong = True
                 self._write({"event": protocol.PING})

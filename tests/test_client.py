@@ -11,7 +11,6 @@ import logging
 import socket
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 import uuid
@@ -564,7 +563,8 @@ def test_silent_server_times_out_and_is_retried(make_client):
         port = silent.getsockname()[1]
         record = Recorder()
         started = time.monotonic()
-        client = make_client(f"ws://127.0.0.1:{port}/ops", ticket_url=None, connect_timeout=0.2, record=record)
+        url = f"ws://127.0.0.1:{port}/ops"
+        client = make_client(url, ticket_url=None, connect_timeout=0.2, record=record)
         errors = record.wait("error", 2)
         assert time.monotonic() - started < 3
         assert all(type(e) is ConnectError and e.code == "connect_failed" for e in errors)
@@ -694,7 +694,7 @@ print(json.dumps({
 def test_client_under_gevent(server):
     """Monkey-patched by gevent, the client runs as greenlets and serves concurrent sends."""
     result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(GEVENT_SCRIPT), server.ws_url, server.url + "/ops/ticket"],
+        [sys.executable, "-c", GEVENT_SCRIPT, server.ws_url, server.url + "/ops/ticket"],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0, result.stderr
