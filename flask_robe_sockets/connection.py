@@ -6,8 +6,7 @@ import secrets
 import socket
 import threading
 import time
-from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import gevent
 
@@ -19,6 +18,54 @@ if TYPE_CHECKING:
     from .server import SocketServer
 
 log = logging.getLogger("flask_robe_sockets")
+
+
+class _Flusher:
+    """Writes the queued frames of every connection from one greenlet.
+
+    Waking one writer greenlet per connection for each broadcast costs two
+    greenlet switches per subscriber, more than the write itself. Instead
+    ``push`` marks the connection, and once the publisher yields, this writes
+    each marked queue with one non-blocking ``send``. Only what the socket
+    does not take at once is left to the connection's own writer, which
+    waits for the socket (with a timeout) as before.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[Connection] = []
+
+    def add(self, conn: "Connection") -> None:
+        if not self._pending:
+            gevent.spawn(self._run)
+        self._pending.append(conn)
+
+    def _run(self) -> None:
+        while self._pending:
+            pending, self._pending = self._pending, []
+            for conn in pending:
+                conn._flush()
+
+
+# One per process: every connection of a gevent worker shares its event loop.
+_flusher = _Flusher()
+
+
+class _Reader:
+    """simple-websocket's reader thread, as a raw greenlet.
+
+    Its default, a monkey-patched ``threading.Thread``, costs about 3 KB more
+    per idle connection (thread object, locks, registry entry), and even a
+    ``gevent.Greenlet`` 2.5 KB (it records the stack that spawned it).
+    """
+
+    __slots__ = ("name", "_target")
+
+    def __init__(self, target: Callable[[], None]) -> None:
+        self.name = "simple_websocket.Base._thread"
+        self._target = target
+
+    def start(self) -> None:
+        gevent.spawn_raw(self._target)
 
 
 class Connection:
@@ -41,10 +88,16 @@ class Connection:
         self.metadata: dict[str, Any] = {}
         self._server = server
         self._channels: set[str] = set()
-        self._queue: deque[bytes] = deque()
+        # A list, not a deque: an empty deque takes 600 bytes, an idle
+        # connection's whole budget is a few kilobytes.
+        self._queue: list[bytes] = []
         self._queue_size = server.config["ROBE_SOCKETS_SEND_QUEUE_SIZE"]
         # Set by writers of the queue; waited on by the writer loop.
         self._wakeup = threading.Event()
+        # Whether the flusher has this connection on its list.
+        self._flush_pending = False
+        # Whether the writer is in the middle of a (blocking) write.
+        self._writing = False
         self._closing = False
         self._reader_done = threading.Event()
         self._active = time.monotonic()
@@ -96,7 +149,27 @@ class Connection:
             self._overflow()
             return
         self._queue.append(frame)
-        self._wakeup.set()
+        if not self._flush_pending:
+            self._flush_pending = True
+            _flusher.add(self)
+
+    def _flush(self) -> None:
+        """Write the queue without blocking; the writer takes what is left."""
+        self._flush_pending = False
+        queue = self._queue
+        if not queue or self._writing or self._socket is None:
+            return
+        batch = b"".join(queue) if len(queue) > 1 else queue[0]
+        queue.clear()
+        try:
+            # The OS socket under gevent's wrapper: MSG_DONTWAIT makes sure
+            # this greenlet never waits here, whatever the socket's mode.
+            sent = getattr(self._socket.sock, "_sock", self._socket.sock).send(batch, socket.MSG_DONTWAIT)
+        except OSError:
+            sent = 0  # would block, or broken: the writer's sendall finds out which
+        if sent < len(batch):
+            queue.insert(0, batch[sent:])
+            self._wakeup.set()
 
     def _overflow(self) -> None:
         log.warning("connection %s is not reading: send queue full, closing with 4008", self.id)
@@ -154,7 +227,9 @@ class Connection:
     def serve(self, environ: dict) -> None:
         """Upgrade the request and run the connection until it ends."""
         config = self._server.config
-        self._socket = ServerSocket(environ, self, config["ROBE_SOCKETS_MAX_MESSAGE_SIZE"])
+        self._socket = ServerSocket(
+            environ, self, config["ROBE_SOCKETS_MAX_MESSAGE_SIZE"], thread_class=_Reader
+        )
         try:
             self._server.connected(self)
             self._write_loop(config["ROBE_SOCKETS_PING_INTERVAL"])
@@ -185,11 +260,13 @@ class Connection:
                     pinged_at = now
                     queue.append(protocol.PING_FRAME)
             self._wakeup.clear()
-            if queue:
+            while queue:
                 batch = b"".join(queue) if len(queue) > 1 else queue[0]
                 queue.clear()
+                self._writing = True
                 with gevent.Timeout(write_timeout):
                     sock.sendall(batch)
+                self._writing = False
             if self._closing and not queue:
                 return
 
