@@ -190,8 +190,7 @@ def subscribed(client: Client, name: str, record: Recorder) -> Subscribed:
 
 
 def test_connect_subscribe_and_receive_broadcast(server, make_client):
-    """A client connects by itself, subscribes, and gets broadcasts with their seq:
-    "message" handlers get every event, the others only their own."""
+    """A client connects by itself, subscribes, and gets broadcasts: "message" handlers all, others their own."""
     record = Recorder()
     # No pings: if @connected stayed unread in wsproto's buffer after the
     # 101, nothing else would ever wake the reader.
@@ -295,8 +294,7 @@ def test_error_answer_raises_reply_error(make_client, channel, event, code):
 
 
 def test_refused_subscribe_is_an_error_event(make_client):
-    """A refused @subscribe reaches the channel's and the client's "error"
-    handlers; subscribing again asks again."""
+    """A refused subscribe reaches the channel's and the client's "error" handlers; subscribing again re-asks."""
     record = Recorder()
     client = make_client(record=record)
     channel = client.subscribe("closed")
@@ -351,8 +349,7 @@ def test_close_gives_one_disconnect_and_no_reconnect(server, make_client):
 
 
 def test_reconnect_resubscribes_and_replays_missed_messages(server, proxy, make_client):
-    """After a drop the client reconnects, resubscribes with since/epoch and gets
-    what was published meanwhile, in order, once, then new messages."""
+    """After a drop the client resubscribes with since/epoch and gets the missed messages in order, once."""
     record = Recorder()
     client = make_client(proxy.ws_url, record=record)
     name = unique()
@@ -373,8 +370,7 @@ def test_reconnect_resubscribes_and_replays_missed_messages(server, proxy, make_
 
 
 def test_reconnect_after_server_restart_is_not_recovered(make_server, make_client):
-    """A restarted in-memory server has a new epoch: the resubscribe answers
-    recovered false, and new messages arrive from seq 1 again."""
+    """After a server restart (new epoch) the resubscribe is not recovered and seq starts again at 1."""
     old = make_server()
     record = Recorder()
     client = make_client(srv=old, record=record)
@@ -409,8 +405,7 @@ def test_ping_detects_a_dead_connection(proxy, make_client):
 
 
 def test_sends_while_disconnected_go_out_after_reconnect(proxy, make_client):
-    """Sends made while disconnected wait in the queue and get their replies after
-    the reconnect; a send in flight when the connection drops fails with ConnectionLost."""
+    """Sends made while disconnected go out after the reconnect; one in flight at the drop fails with ConnectionLost."""
     record = Recorder()
     client = make_client(proxy.ws_url, record=record)
     chat = client.subscribe("chat")
@@ -445,10 +440,10 @@ def test_sends_while_disconnected_go_out_after_reconnect(proxy, make_client):
 
 
 def test_queue_bound_and_timeouts_fail_at_once(proxy, make_client):
-    """Past the queue bound a send fails at once; a queued send past its timeout
-    fails and frees its place; close() fails the ones still waiting."""
+    """Past the queue bound a send fails at once; a queued send times out and frees its place; close() fails the rest."""
     proxy.refusing = True
-    client = make_client(proxy.ws_url, max_queue=2)
+    record = Recorder()
+    client = make_client(proxy.ws_url, max_queue=2, record=record)
     chat = client.subscribe("chat")
     with pytest.raises(SendTimeout):
         chat.send("echo", "late", timeout=0.1)
@@ -468,6 +463,7 @@ def test_queue_bound_and_timeouts_fail_at_once(proxy, make_client):
     for thread in threads:
         thread.join(5)
     assert [type(result) for result in results] == [ClientClosed, ClientClosed]
+    assert record.args("connect") == record.args("disconnect") == []  # it never was connected
 
 
 def _outcome(function, *args):
@@ -557,8 +553,7 @@ def test_refused_handshake_is_an_error_event_and_retried(make_client):
 
 
 def test_silent_server_times_out_and_is_retried(make_client):
-    """A server that accepts TCP but never answers the handshake costs one
-    connect_timeout per attempt, reported as an error, then a retry."""
+    """A server that never answers the handshake costs connect_timeout per attempt, then an error and a retry."""
     with socket.create_server(("127.0.0.1", 0)) as silent:  # never accepts: the kernel does
         port = silent.getsockname()[1]
         record = Recorder()
