@@ -385,6 +385,13 @@ def test_reply_carries_the_handler_result(ws_connect):
     assert ask(ws, channel="chat", event="echo", ref="s")["data"] == {"echo": None}
 
 
+def test_unknown_fields_are_ignored(ws_connect):
+    """Fields the protocol does not define (even ``seq``) change nothing in the answer."""
+    ws = ws_connect()
+    answer = ask(ws, channel="chat", event="echo", ref=3, data=1, seq=99, extra={"x": [1]}, id="z")
+    assert answer == {"channel": "chat", "event": "@reply", "ref": 3, "data": {"echo": 1}}
+
+
 def test_reply_is_the_first_non_null_return(ws_connect):
     """With several handlers, ``@reply`` holds the first value that is not null."""
     ws = ws_connect()
