@@ -122,10 +122,7 @@ def test_bad_frame_wins_over_bad_channel_and_bad_event():
 
 @pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e999", "-1e999", "1E400"])
 def test_non_standard_numbers_are_bad_frame(number):
-    """NaN, the infinities and numbers past a double are ``bad_frame``.
-
-    Such a text is not JSON at all, so nothing of it (not even a ref) is used.
-    """
+    """NaN, infinities and numbers past a double are ``bad_frame``; nothing (no ref) is echoed."""
     text = '{"channel": "chat", "event": "e", "ref": 4, "data": %s}' % number
     error = refused(text)
     assert (error.code, error.ref, error.channel) == ("bad_frame", None, None)
