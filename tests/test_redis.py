@@ -337,6 +337,8 @@ def test_redis_restart_under_load(tmp_path):
             wait_until(lambda: len(failed) >= 5, 10, message="refused sends while Redis is down")
             assert failed[0]["error"] == "publish_failed"
             assert "did not take it" in failed[0]["message"] and str(store.port) in failed[0]["message"]
+            for srv in servers:  # the listeners back off while it is away
+                wait_until(lambda: "still unreachable after 3 attempts" in srv.output(), 10, message="backoff log")
             before_restart = len(ok)
             store = RedisServer(port=store.port)
             wait_until(lambda: len(ok) >= before_restart + 30, 20, message="sends after the restart")
