@@ -99,7 +99,9 @@ class Gunicorn(Process):
         args = [
             str(BIN / "gunicorn"), "-k", "gevent", "-w", str(workers),
             "-b", f"127.0.0.1:{self.port}", "--graceful-timeout", "10",
-            "--worker-connections", "2000", *(extra or []), app,
+            "--worker-connections", "2000",
+            # Each master would otherwise open the one $HOME/.gunicorn/gunicorn.ctl.
+            "--no-control-socket", *(extra or []), app,
         ]
         super().__init__(
             args, env={"ROBE_TEST_CONFIG": json.dumps(config or {}), **(env or {})}, name="gunicorn"
