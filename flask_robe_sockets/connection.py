@@ -198,7 +198,14 @@ class Connection:
             self._server.answer_rate_limited(self, None)
 
     def on_control(self, frame: bytes) -> None:
-        self.push(frame)
+        # A ping is a frame like any other for the rate limit: a ping flood
+        # is answered and closed as a flood of messages would be.
+        if self._closing:
+            return
+        if self._admit():
+            self.push(frame)
+        elif not self._closing:
+            self._server.answer_rate_limited(self, None)
 
     def on_close(self, code: int) -> None:
         # Echo the client's code as RFC 6455 asks; 1005/1006 never go on the wire.

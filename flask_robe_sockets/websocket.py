@@ -15,6 +15,7 @@ that and replaces the rest, which does not hold up in production:
 """
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import simple_websocket
@@ -70,6 +71,12 @@ class ServerSocket(simple_websocket.Server):
                 data = self.sock.recv(self.receive_bytes)
                 if not data:
                     break
+                if len(data) == self.receive_bytes:
+                    # More is waiting. Under gevent a recv that finds data
+                    # never yields, and sleep(0) lets ready greenlets run but
+                    # not the loop poll sockets: a client that keeps its
+                    # socket full would hold the worker. A timer yields to both.
+                    time.sleep(0.001)
                 if self.draining:
                     continue
                 listener.on_activity()
@@ -104,10 +111,17 @@ class ServerSocket(simple_websocket.Server):
                     else:
                         chunks.append(event.data)
                         listener.on_text("".join(chunks))
-                elif self.incoming_message is None:
-                    self.incoming_message = [event.data]
-                else:
-                    self.incoming_message.append(event.data)
+                elif isinstance(event, TextMessage) and data:
+                    # Fragments are joined once they pile up (binary ones are
+                    # never used, empty ones add nothing): a message in
+                    # thousands of tiny fragments must not cost as many objects.
+                    chunks = self.incoming_message
+                    if chunks is None:
+                        self.incoming_message = [data]
+                    else:
+                        chunks.append(data)
+                        if len(chunks) > 32:
+                            chunks[:] = ["".join(chunks)]
             elif isinstance(event, Ping):
                 listener.on_control(self.ws.send(event.response()))
             elif isinstance(event, CloseConnection):

@@ -7,13 +7,14 @@ attacker left nothing behind.
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
 import requests
 from websockets.sync.client import connect
 
-from .rawws import BINARY, CLOSE, CONTINUATION, PING, TEXT, HandshakeRefused, RawWebSocket, build_frame
+from .rawws import BINARY, CLOSE, CONTINUATION, PING, PONG, TEXT, HandshakeRefused, RawWebSocket, build_frame
 from .servers import Gunicorn, wait_until
 
 RATE, BURST = 20, 10
@@ -145,6 +146,66 @@ def test_client_that_slows_down_is_not_closed(srv):
     ws.send_close()
     assert ws.recv_close() == 1000
     ws.close()
+    assert_nothing_left(srv)
+
+
+def test_ping_frame_flood_is_rate_limited_then_closed_1008(srv):
+    """WebSocket ping frames count against the rate limit: a ping flood is closed with 1008."""
+    ws = open_raw(srv)
+    ws.sock.sendall(build_frame(PING, b"p") * 200)
+    pongs = limited = 0
+    while True:
+        frame = ws.recv_frame()
+        if frame.opcode == CLOSE:
+            break
+        if frame.opcode == PONG:
+            pongs += 1
+        else:
+            assert shape(frame.json()) == error_frame("rate_limited")
+            limited += 1
+    assert frame.close_code == 1008
+    assert pongs == BURST and 1 <= limited <= BURST + 1
+    assert_honest_client_served(srv)
+    assert_nothing_left(srv)
+
+
+def flood_in_background(ws: RawWebSocket, chunk: bytes, seconds: float) -> threading.Thread:
+    """Write ``chunk`` again and again for ``seconds``, reading nothing back."""
+    def flood():
+        deadline = time.monotonic() + seconds
+        try:
+            while time.monotonic() < deadline:
+                ws.sock.sendall(chunk)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=flood, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_fragment_flood_stalls_no_one_and_costs_no_memory(srv):
+    """Endless empty fragments keep one socket full: other clients stay fast, memory stays flat."""
+    before = srv.stats()["rss"]
+    ws = open_raw(srv)
+    honest = open_raw(srv)
+    ws.send_frame(TEXT, b'{"event": "@pi', fin=False)
+    # Empty fragments add nothing to the size, so the limit never ends them.
+    flooder = flood_in_background(ws, build_frame(CONTINUATION, b"", fin=False) * 5000, 2.0)
+    worst = 0.0
+    while flooder.is_alive():
+        started = time.monotonic()
+        assert honest.request({"event": "@ping", "ref": 1}, timeout=5)["event"] == "@pong"
+        worst = max(worst, time.monotonic() - started)
+        time.sleep(0.1)  # under the rate limit
+    # Without yielding to the event loop, the reader held the worker for seconds.
+    assert worst < 1.0, worst
+    assert srv.stats()["rss"] - before < 4 << 20
+    # The message still ends, and is handled, once the fragments stop.
+    ws.send_frame(CONTINUATION, b'ng", "ref": "end"}', fin=True)
+    assert ws.recv_json(timeout=20) == {"event": "@pong", "data": None, "ref": "end"}
+    ws.close()
+    honest.close()
     assert_nothing_left(srv)
 
 
