@@ -44,9 +44,9 @@ class HandshakeRefused(Exception):
         self.body = body
 
 
-def build_frame(opcode: int, payload: bytes = b"", fin: bool = True, mask: bool = True) -> bytes:
-    """One client frame (masked, as RFC 6455 requires of clients)."""
-    head = bytes([(0x80 if fin else 0) | opcode])
+def build_frame(opcode: int, payload: bytes = b"", fin: bool = True, mask: bool = True, rsv: int = 0) -> bytes:
+    """One client frame (masked, as RFC 6455 requires of clients; ``rsv`` sets RSV1-3)."""
+    head = bytes([(0x80 if fin else 0) | rsv << 4 | opcode])
     length = len(payload)
     bit = 0x80 if mask else 0
     if length < 126:

@@ -331,12 +331,29 @@ def test_deepest_allowed_nesting_is_handled(srv):
     ws.close()
 
 
-def test_unmasked_client_frame_closes_1002(srv):
-    """A client frame without a mask breaks RFC 6455: the server closes with 1002."""
+@pytest.mark.parametrize("frames", [
+    [build_frame(TEXT, b'{"event": "@ping"}', mask=False)],
+    [build_frame(TEXT, b'{"event": "@ping"}', rsv=4)],
+    [build_frame(0x3, b"")],
+    [build_frame(0xB, b"")],
+    [build_frame(CONTINUATION, b"orphan")],
+    [build_frame(TEXT, b"{", fin=False), build_frame(TEXT, b"}")],
+    [build_frame(PING, b"", fin=False)],
+    [build_frame(PING, b"x" * 126)],
+    [build_frame(CLOSE, b"\x03")],
+    [build_frame(CLOSE, (999).to_bytes(2, "big"))],
+], ids=[
+    "unmasked", "rsv1-without-extension", "reserved-opcode", "reserved-control-opcode",
+    "orphan-continuation", "text-inside-fragmented-message", "fragmented-ping",
+    "ping-over-125-bytes", "one-byte-close", "close-code-999",
+])
+def test_rfc6455_violation_closes_1002(srv, frames):
+    """A frame that breaks RFC 6455 framing closes the connection with 1002 and leaves nothing behind."""
     ws = open_raw(srv)
-    ws.send_frame(TEXT, b'{"event": "@ping"}', mask=False)
+    ws.sock.sendall(b"".join(frames))
     assert ws.recv_close() == 1002
     ws.close()
+    assert_honest_client_served(srv)
     assert_nothing_left(srv)
 
 
