@@ -57,15 +57,16 @@ def create_app() -> Flask:
         """Publish ``count`` broadcasts of ``size`` bytes; says how long it took.
 
         Sent in one go, a burst longer than a send queue overflows every
-        subscriber, since no writer runs before the view yields; ``yield=1``
-        lets the writers run after each message, as separate requests would.
+        subscriber, since no writer runs before the view yields; ``yield=N``
+        lets the writers run after every N messages (``1``: as separate
+        requests would).
         """
         count, size = request.args.get("count", 100, int), request.args.get("size", 10, int)
         pause = request.args.get("yield", 0, int)
         started = time.perf_counter()
         for i in range(count):
             seq = sockets[channel].send(event, {"i": i, "pad": "x" * size})
-            if pause:
+            if pause and (i + 1) % pause == 0:
                 gevent.sleep(0)
         return jsonify(seq=seq, seconds=time.perf_counter() - started)
 
