@@ -355,13 +355,16 @@ class LoadGen:
             sock.close()
         self.controls.clear()
 
-    def burst(self, messages: int, size: int, timeout: float = 120) -> dict:
-        """Fan-out: time until every client has received ``messages`` broadcasts."""
+    def burst(self, messages: int, size: int, every: int = 50, timeout: float = 120) -> dict:
+        """Fan-out: time until every client has received ``messages`` broadcasts.
+
+        The server's loop yields to its other greenlets every ``every`` messages.
+        """
         self._reset()
         self.target_msgs = messages
         cpu = cpu_seconds()
         started = time.monotonic()
-        self._control(f"/bench/burst?m={messages}&size={size}")
+        self._control(f"/bench/burst?m={messages}&size={size}&every={every}")
         self._pump(lambda: self.pending == 0, timeout, f"a burst of {messages}")
         seconds = time.monotonic() - started
         self._close_controls()

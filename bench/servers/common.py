@@ -13,8 +13,8 @@ from typing import Any, Callable
 import gevent
 from flask import Flask, jsonify, request
 
-#: The broadcast loop yields to the other greenlets after this many
-#: messages, as a view publishing in a loop would when it does any I/O.
+#: By default the broadcast loop yields to the other greenlets after this
+#: many messages, as a view publishing in a loop would when it does any I/O.
 YIELD_EVERY = 50
 
 
@@ -34,12 +34,13 @@ def add_control_routes(
 
     @app.post("/bench/burst")
     def burst():
-        """Broadcast ``m`` messages as fast as the server can."""
+        """Broadcast ``m`` messages as fast as the server can, yielding every ``every``."""
         count, size = int(request.args["m"]), int(request.args["size"])
+        every = int(request.args.get("every", YIELD_EVERY))
         started = time.monotonic()
         for i in range(count):
             broadcast(payload(size))
-            if i % YIELD_EVERY == YIELD_EVERY - 1:
+            if i % every == every - 1:
                 gevent.sleep(0)
         return jsonify(seconds=time.monotonic() - started)
 
