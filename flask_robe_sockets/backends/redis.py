@@ -103,13 +103,12 @@ SUBSCRIBE_BATCH = 1000
 class _Subscription:
     """This worker's pub/sub state for one channel."""
 
-    __slots__ = ("ready", "pending", "epoch", "last")
+    __slots__ = ("ready", "epoch", "last")
 
     def __init__(self) -> None:
         #: Set once Redis confirmed the SUBSCRIBE: from then on no broadcast
         #: can be missed, so the history may be read.
         self.ready = gevent.event.Event()
-        self.pending = 0
         #: Epoch and seq of the last broadcast delivered, to drop the ones
         #: a reconnect's gap-filling already delivered.
         self.epoch: str | None = None
@@ -173,6 +172,8 @@ class RedisBackend(Backend):
         self._prefix = f"robe:{db}:"
         self._deliver: Deliver | None = None
         self._subscriptions: dict[str, _Subscription] = {}
+        #: SUBSCRIBE commands sent per channel and not confirmed yet.
+        self._pending: dict[str, int] = {}
         self._conn: Any = None
         # Serialises writes to the pub/sub connection, which several
         # greenlets subscribe through while the listener reads it.
@@ -271,9 +272,8 @@ class RedisBackend(Backend):
                 return
             names = []
             for channel in channels:
-                subscription = self._subscriptions.get(channel)
-                if subscription is not None:
-                    subscription.pending += 1
+                if channel in self._subscriptions:
+                    self._pending[channel] = self._pending.get(channel, 0) + 1
                     names.append(self._prefix + channel)
             try:
                 for start in range(0, len(names), SUBSCRIBE_BATCH):
@@ -319,9 +319,9 @@ class RedisBackend(Backend):
             finally:
                 with self._write_lock:
                     self._conn = None
+                    self._pending.clear()
                     for subscription in self._subscriptions.values():
                         subscription.ready.clear()
-                        subscription.pending = 0
                 if conn is not None:
                     conn.disconnect()
             if not self._closed:
@@ -355,10 +355,17 @@ class RedisBackend(Backend):
                     held.append((reply[1], reply[2]))
             elif kind == b"subscribe":
                 waiting.discard(reply[1])
-                subscription = self._subscriptions.get(reply[1].decode()[len(self._prefix):])
-                if subscription is not None:
-                    subscription.pending -= 1
-                    if subscription.pending <= 0:
+                channel = reply[1].decode()[len(self._prefix):]
+                # Ready only when every SUBSCRIBE sent is confirmed: after a
+                # quick leave and join, the first one may be followed by an
+                # UNSUBSCRIBE.
+                pending = self._pending.get(channel, 1) - 1
+                if pending > 0:
+                    self._pending[channel] = pending
+                else:
+                    self._pending.pop(channel, None)
+                    subscription = self._subscriptions.get(channel)
+                    if subscription is not None:
                         subscription.ready.set()
             if held is not None and not waiting:
                 self._fill_gaps()
