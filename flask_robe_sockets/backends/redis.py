@@ -206,7 +206,8 @@ class RedisBackend(Backend):
         except redis.RedisError as exc:
             raise PublishError(
                 f"could not send {event!r} to channel {channel!r}: Redis at {self._where()}"
-                f" did not take it ({exc}). Nobody received it; send it again once Redis is back."
+                f" did not take it ({exc}). It was most likely not delivered: send it again once"
+                " Redis is back."
             ) from exc
 
     def recover(self, channel: str, since: int | None, epoch: str | None) -> Recovery:
