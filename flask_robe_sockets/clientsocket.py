@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import select
 import socket
 import ssl
 import threading
@@ -60,9 +61,11 @@ class ClientSocket:
 
     Reads happen in one thread only. Writes may come from any thread: a lock
     keeps wsproto's state and the frames whole, and every frame goes out
-    with ``sendall``.
+    with ``sendall``. The reader waits with ``select`` and takes the lock
+    only for a ``recv`` that has data waiting.
 
-    :param timeout: seconds for the TCP connect and for the handshake.
+    :param timeout: seconds for the TCP connect and the handshake, and for a
+        write to finish (one that cannot ends the connection).
     :raises OSError: the connect or the handshake failed; :class:`Refused`
         when the server answered with an HTTP error.
     """
@@ -79,7 +82,9 @@ class ClientSocket:
             self.ws = WSConnection(ConnectionType.CLIENT)
             #: Set when the connection is over: the peer's close code, or 1006.
             self.close_code: int | None = None
-            self._write_lock = threading.Lock()
+            # Serialises every read and write on the socket: an SSL object
+            # must not do both at once from two threads.
+            self._io_lock = threading.Lock()
             self._fragments: list[str] = []
             target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             self._handshake(parts.netloc.rpartition("@")[2], target)
@@ -125,9 +130,11 @@ class ClientSocket:
         texts = self._drain()
         if texts or self.close_code is not None:
             return texts
-        self.sock.settimeout(timeout)
         try:
-            data = self.sock.recv(65536)
+            if not self._buffered() and not select.select([self.sock], [], [], timeout)[0]:
+                raise socket.timeout(f"nothing received in {timeout}s")
+            with self._io_lock:
+                data = self.sock.recv(65536)
         except socket.timeout:
             raise
         except OSError:
@@ -137,6 +144,10 @@ class ClientSocket:
             return []
         self.ws.receive_data(data)
         return self._drain()
+
+    def _buffered(self) -> bool:
+        """Whether TLS holds decrypted bytes that ``select`` cannot see."""
+        return isinstance(self.sock, ssl.SSLSocket) and self.sock.pending() > 0
 
     def _drain(self) -> list[str]:
         texts = []
@@ -169,7 +180,7 @@ class ClientSocket:
         self._send(TextMessage(data=text))
 
     def _send(self, event: Event) -> None:
-        with self._write_lock:
+        with self._io_lock:
             try:
                 self.sock.sendall(self.ws.send(event))
             except (OSError, LocalProtocolError) as exc:

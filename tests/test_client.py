@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import select
+import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -38,13 +41,18 @@ from .servers import ROOT, wait_until
 
 
 class Proxy:
-    """A loopback TCP proxy to ``port`` whose connections the test controls."""
+    """A loopback TCP proxy to ``port`` whose connections the test controls.
 
-    def __init__(self, port: int) -> None:
+    With ``tls`` (a server-side SSL context) it terminates TLS, as a load
+    balancer in front of the app would.
+    """
+
+    def __init__(self, port: int, tls: ssl.SSLContext | None = None) -> None:
         self.target = ("127.0.0.1", port)
+        self.tls = tls
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
-        self.ws_url = f"ws://127.0.0.1:{self.port}/ops"
+        self.ws_url = f"{'wss' if tls else 'ws'}://127.0.0.1:{self.port}/ops"
         #: While true, new connections are closed as soon as they arrive.
         self.refusing = False
         self.accepted = 0
@@ -64,27 +72,41 @@ class Proxy:
             if self.refusing:
                 conn.close()
                 continue
+            if self.tls:
+                try:
+                    conn = self.tls.wrap_socket(conn, server_side=True)
+                except OSError:
+                    conn.close()
+                    continue
             upstream = socket.create_connection(self.target)
             frozen = threading.Event()
+            # Both pumps use both sockets: an SSL socket must not read and
+            # write at once, so each recv and sendall of a pair takes turns.
+            io_lock = threading.Lock()
             with self._lock:
                 self.accepted += 1
                 self._pairs.append((conn, upstream, frozen))
                 self._sockets += [conn, upstream]
             for src, dst in ((conn, upstream), (upstream, conn)):
-                threading.Thread(target=self._pump, args=(src, dst, frozen), daemon=True).start()
+                args = (src, dst, frozen, io_lock)
+                threading.Thread(target=self._pump, args=args, daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, frozen: threading.Event) -> None:
+    def _pump(self, src, dst, frozen: threading.Event, io_lock: threading.Lock) -> None:
         from_client = src.getsockname()[1] == self.port
         try:
             while True:
-                data = src.recv(65536)
+                if not (isinstance(src, ssl.SSLSocket) and src.pending()):
+                    select.select([src], [], [])  # so that recv, under the lock, never waits long
+                with io_lock:
+                    data = src.recv(65536)
                 if not data:
                     break
                 if from_client:
                     self.from_clients += len(data)
                 if not frozen.is_set():  # a frozen path loses everything, silently
-                    dst.sendall(data)
-        except OSError:
+                    with io_lock:
+                        dst.sendall(data)
+        except (OSError, ValueError):  # ValueError: select on a socket closed meanwhile
             pass
         for sock in (src, dst):
             try:
@@ -581,6 +603,52 @@ def test_session_cookies_carry_over_to_tickets(server, make_client):
     answer = client.subscribe("room:1").send("whoami")
     assert answer == {"identity": "alice", "channel": "room:1", "id": client.id}
     http.close()
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1: (server context, client context)."""
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )
+    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_side.load_cert_chain(cert, key)
+    return server_side, ssl.create_default_context(cafile=str(cert))
+
+
+def test_wss_with_concurrent_sends_and_broadcasts(server, make_client, tls):
+    """Over wss, sends from several threads and the broadcasts they cause all arrive intact."""
+    proxy = Proxy(server.port, tls=tls[0])
+    client = make_client(proxy.ws_url, ssl_context=tls[1])
+    try:
+        record = Recorder()
+        chat = client.subscribe("chat")
+        chat.on("said", record("said"))
+        pad = "x" * 3000  # several TLS records per frame now and then
+        results = []
+
+        def send_many(thread):
+            results.extend(_outcome(chat.send, "say", [thread, n, pad]) for n in range(25))
+
+        threads = [threading.Thread(target=send_many, args=(k,)) for k in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert results == [None] * 100
+        said = record.wait("said", 100)
+        assert sorted(m.data[:2] for m in said) == [[k, n] for k in range(4) for n in range(25)]
+        assert all(m.data[2] == pad for m in said)
+    finally:
+        client.close()
+        proxy.close()
 
 
 # -- handlers -----------------------------------------------------------
