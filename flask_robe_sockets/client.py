@@ -20,6 +20,8 @@ made while disconnected in a bounded queue.
 Two background threads do the work: one connects, reads and pings; the other
 runs the application's handlers, in order, so that a handler may itself call
 :meth:`Channel.send` and wait for the reply while frames keep being read.
+Events wait for their handlers in memory: keep handlers quick, and hand long
+work to a thread or a job queue.
 Threads, locks and events come from the ``threading`` module when the client
 is built, so after ``gevent.monkey.patch_all()`` they are greenlets.
 
