@@ -229,7 +229,9 @@ class Channel:
         self.client._emit(self._handlers["subscribed"], subscribed)
 
     def _on_refused(self, error: ReplyError) -> None:
-        self._wanted = False
+        # Refused for good, until subscribe() asks again; but a subscribe
+        # that was only rate limited is tried again on the next connect.
+        self._wanted = error.code == "rate_limited"
         self.client._emit(self._handlers["error"], error)
 
     def _deliver(self, message: Message) -> None:
