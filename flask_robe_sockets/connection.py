@@ -98,6 +98,8 @@ class Connection:
         self._flush_pending = False
         # Whether the writer is in the middle of a (blocking) write.
         self._writing = False
+        # Whether the queue's first item is the rest of a frame partly written.
+        self._partial_head = False
         self._closing = False
         self._reader_done = threading.Event()
         self._active = time.monotonic()
@@ -161,6 +163,7 @@ class Connection:
             return
         batch = b"".join(queue) if len(queue) > 1 else queue[0]
         queue.clear()
+        self._partial_head = False
         try:
             # The OS socket under gevent's wrapper: MSG_DONTWAIT makes sure
             # this greenlet never waits here, whatever the socket's mode.
@@ -169,11 +172,17 @@ class Connection:
             sent = 0  # would block, or broken: the writer's sendall finds out which
         if sent < len(batch):
             queue.insert(0, batch[sent:])
+            self._partial_head = True
             self._wakeup.set()
 
     def _overflow(self) -> None:
         log.warning("connection %s is not reading: send queue full, closing with 4008", self.id)
+        # The rest of a frame the socket took only part of must still go
+        # out: cut short, it would turn the close frame after it into garbage.
+        rest = self._queue[0] if self._partial_head else None
         self._queue.clear()
+        if rest is not None:
+            self._queue.append(rest)
         self.close(protocol.CLOSE_SLOW_CONSUMER, "send queue overflow")
 
     # -- called by ServerSocket, in the reader -------------------------
@@ -270,6 +279,7 @@ class Connection:
             while queue:
                 batch = b"".join(queue) if len(queue) > 1 else queue[0]
                 queue.clear()
+                self._partial_head = False
                 self._writing = True
                 with gevent.Timeout(write_timeout):
                     sock.sendall(batch)

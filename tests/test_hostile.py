@@ -422,6 +422,34 @@ def test_slow_consumer_alone_is_dropped_with_4008(srv):
     assert_nothing_left(srv)
 
 
+def test_slow_consumer_dropped_mid_write_gets_whole_frames_then_4008(srv):
+    """Dropped while a frame is half written, a slow client still reads whole frames, then 4008."""
+    slow = open_raw(srv, rcvbuf=4096)
+    assert slow.request({"channel": "half-written", "event": "@subscribe"})["event"] == "@subscribed"
+    # Bursts of exactly one queue's worth between yields: the socket takes
+    # part of a batch, and the queue overflows before the writer has
+    # sent the rest of it.
+    for _ in range(40):
+        requests.post(
+            f"{srv.url}/burst/half-written/tick?count={QUEUE * 4}&size=3000&yield={QUEUE}", timeout=10
+        ).raise_for_status()
+        if "half-written" not in srv.stats()["members"]:
+            break
+    else:
+        pytest.fail("the stuck subscriber was never dropped")
+    received = []
+    while True:
+        frame = slow.recv_frame()
+        if frame.opcode == CLOSE:
+            break
+        assert frame.opcode == TEXT and frame.fin
+        received.append(frame.json()["data"]["i"])
+    assert frame.close_code == 4008
+    assert received == [i % (QUEUE * 4) for i in range(len(received))]
+    slow.close()
+    assert_nothing_left(srv)
+
+
 # -- capacity -----------------------------------------------------------------
 
 
