@@ -56,7 +56,7 @@ def main() -> int:
         gen.connect(args.n, probes=20 if args.workload == "latency" else 2)
         server.wait_subscribers(args.n)
         spy = subprocess.Popen(
-            [str(BIN / "py-spy"), "record", "--pid", str(server.pid), "--format", "raw",
+            [str(BIN / "py-spy"), "record", "--pid", str(server.pids[0]), "--format", "raw",
              "--rate", "250", "--nonblocking", "--output", str(out), "--duration", str(int(args.seconds))],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )

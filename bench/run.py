@@ -3,8 +3,9 @@
     .venv/bin/python bench/run.py            # full run (about 10 minutes)
     .venv/bin/python bench/run.py --quick    # under 2 minutes
 
-Each server runs under ``gunicorn -k gevent -w 1`` pinned to core 0; this
-process is the load generator, pinned to core 1. The table (medians, with
+Each server runs under ``gunicorn -k gevent -w 1`` pinned to core 0 (the
+Redis variant: two workers and redis-server, all on core 0); this process is
+the load generator, pinned to core 1. The table (medians, with
 the spread of the runs) goes to stdout and, with every run's raw numbers,
 to ``bench/results/<time>.json``.
 """
@@ -15,6 +16,7 @@ import http.client
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
@@ -30,8 +32,21 @@ from loadgen import PROTOCOLS, BenchError, LoadGen, raise_fd_limit  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
-SERVERS = {"robe": "robe_app:app", "socketio": "socketio_app:app", "naive": "naive_sock_app:app"}
-LABELS = {"robe": "flask-robe-sockets", "socketio": "Flask-SocketIO 5", "naive": "naive flask-sock"}
+SERVERS = {
+    "robe": "robe_app:app",
+    "socketio": "socketio_app:app",
+    "naive": "naive_sock_app:app",
+    "robe-redis": "robe_app:app",
+}
+LABELS = {
+    "robe": "flask-robe-sockets",
+    "socketio": "Flask-SocketIO 5",
+    "naive": "naive flask-sock",
+    "robe-redis": "robe, 2 workers + Redis",
+}
+#: Worker processes per server: the Redis variant shares core 0 between two
+#: workers and redis-server, so it gets the same CPU as the others.
+WORKERS = {"robe-redis": 2}
 MODES = ("eager", "batched")
 SIZE = 100  # bytes of padding in every message
 MAX_BURST = 20_000  # messages per connection in one burst (3 MB: within the socket buffers)
@@ -114,28 +129,46 @@ def free_port() -> int:
 
 
 class Server:
-    """One gunicorn gevent worker pinned to the server core."""
+    """gunicorn with gevent workers (one, unless WORKERS says), pinned to the server core."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.port = free_port()
+        self.workers = WORKERS.get(name, 1)
         self.log = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False)
+        env = dict(os.environ)
+        self.redis = None
+        if name == "robe-redis":
+            redis_port = free_port()
+            self.redis = subprocess.Popen(
+                ["taskset", "-c", str(SERVER_CORE), "redis-server", "--port", str(redis_port),
+                 "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )
+            env["BENCH_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
         self.proc = subprocess.Popen(
-            ["taskset", "-c", str(SERVER_CORE), str(BIN / "gunicorn"), "-k", "gevent", "-w", "1",
+            ["taskset", "-c", str(SERVER_CORE), str(BIN / "gunicorn"), "-k", "gevent", "-w", str(self.workers),
              "--worker-connections", "6000", "--backlog", "4096", "-b", f"127.0.0.1:{self.port}",
              "--chdir", str(HERE / "servers"), "--log-level", "warning", SERVERS[name]],
             stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,
+            start_new_session=True, env=env,
         )
         deadline = time.monotonic() + 30
         while True:
             try:
-                self.pid = self.stats()["pid"]
-                break
+                self.stats()
+                self.pids = [
+                    int(pid) for pid in
+                    Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+                ]
+                if len(self.pids) == self.workers:
+                    break
             except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise BenchError(f"{name} did not start:\n{Path(self.log.name).read_text()[-2000:]}")
-                time.sleep(0.1)
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise BenchError(f"{name} did not start:\n{Path(self.log.name).read_text()[-2000:]}")
+            time.sleep(0.1)
 
     def stats(self) -> dict:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
@@ -146,24 +179,45 @@ class Server:
             conn.close()
 
     def wait_subscribers(self, count: int, timeout: float = 60) -> None:
+        """Wait until the workers' subscribers add up to ``count``.
+
+        Each stats request reaches one worker: with several, the last count
+        seen from each is added up.
+        """
         deadline = time.monotonic() + timeout
-        while self.stats()["subscribers"] != count:
+        seen: dict[int, int] = {}
+        while True:
+            stats = self.stats()
+            seen[stats["pid"]] = stats["subscribers"]
+            if len(seen) == self.workers and sum(seen.values()) == count:
+                return
             if time.monotonic() > deadline:
-                raise BenchError(f"{self.name}: {self.stats()['subscribers']} subscribers, expected {count}")
-            time.sleep(0.1)
+                raise BenchError(f"{self.name}: {seen} subscribers by worker, expected {count} in all")
+            time.sleep(0.05 if len(seen) < self.workers else 0.1)
 
     def rss(self) -> int:
-        """Resident memory of the worker, in bytes."""
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise BenchError("no VmRSS")
+        """Resident memory of the workers (and Redis), in bytes."""
+        pids = self.pids + ([self.redis.pid] if self.redis else [])
+        total = 0
+        for pid in pids:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        return total
 
     def cpu(self) -> float:
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """CPU seconds used by the workers (and Redis) so far."""
+        pids = self.pids + ([self.redis.pid] if self.redis else [])
+        total = 0
+        for pid in pids:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
+        if self.redis is not None and self.redis.poll() is None:
+            self.redis.terminate()
+            self.redis.wait(10)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -182,7 +236,7 @@ def measured(server: Server, run) -> dict:
 
 
 def clients(server: Server) -> LoadGen:
-    return LoadGen("127.0.0.1", server.port, PROTOCOLS[server.name])
+    return LoadGen("127.0.0.1", server.port, PROTOCOLS[server.name.split("-")[0]])
 
 
 def disconnect(gen: LoadGen, server: Server) -> None:
@@ -350,14 +404,26 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smaller run, under 2 minutes")
     parser.add_argument("--runs", type=int, help="runs per figure (default 5, quick 3)")
-    parser.add_argument("--servers", default="robe,socketio,naive", help="comma-separated subset")
+    parser.add_argument(
+        "--servers",
+        help="comma-separated, from robe, socketio, naive, robe-redis (default: all four;"
+        " --quick and machines without redis-server leave robe-redis out)",
+    )
     parser.add_argument("--workloads", default="capacity,fanout,latency,inbound", help="comma-separated subset")
     parser.add_argument("--out", type=Path, help="JSON file (default bench/results/<time>.json)")
     args = parser.parse_args()
     plan = dict(QUICK if args.quick else FULL)
     if args.runs:
         plan["runs"] = args.runs
-    servers = [s for s in args.servers.split(",") if s]
+    if args.servers:
+        servers = [s for s in args.servers.split(",") if s]
+    else:
+        servers = ["robe", "socketio", "naive"]
+        if not args.quick and shutil.which("redis-server"):
+            servers.append("robe-redis")
+    unknown = set(servers) - set(SERVERS)
+    if unknown:
+        parser.error(f"unknown servers: {', '.join(sorted(unknown))}")
     workloads = [w for w in args.workloads.split(",") if w]
 
     raise_fd_limit()

@@ -11,6 +11,8 @@ Settings changed from the defaults, for the benchmark's sake only:
   short by the slow-consumer limit (the peers' queues have no limit);
 - connection limit 6,000 for the 5,000-connection capacity workload.
 """
+import os
+
 from flask import Flask
 
 from common import add_control_routes
@@ -23,6 +25,8 @@ app.config.update(
     ROBE_SOCKETS_PING_INTERVAL=None,
     ROBE_SOCKETS_SEND_QUEUE_SIZE=30_000,
     ROBE_SOCKETS_MAX_CONNECTIONS=6_000,
+    # Set by bench/run.py for the two-worker Redis variant.
+    ROBE_SOCKETS_REDIS_URL=os.environ.get("BENCH_REDIS_URL"),
 )
 sockets = RobeSockets(app)
 
