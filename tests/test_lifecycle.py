@@ -214,12 +214,12 @@ def test_half_open_connections_are_dropped(srv, raw):
     # The channel's history outlives its members (for recovery): create it first.
     requests.post(f"{srv.url}/broadcast/half-open/tick", json="first", timeout=5).raise_for_status()
     baseline = take_baseline(srv)
-    silent = [socket.create_connection(("127.0.0.1", srv.port), timeout=10) for _ in range(20)]
-    partial = [socket.create_connection(("127.0.0.1", srv.port), timeout=10) for _ in range(20)]
+    silent = [socket.create_connection(("127.0.0.1", srv.port), timeout=10) for _ in range(100)]
+    partial = [socket.create_connection(("127.0.0.1", srv.port), timeout=10) for _ in range(100)]
     try:
         for sock in partial:
             sock.sendall(b"GET /ops HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n")
-        stuck = [raw(srv, rcvbuf=4096) for _ in range(20)]
+        stuck = [raw(srv, rcvbuf=4096) for _ in range(30)]
         for ws in stuck:
             subscribe_all(ws, ["half-open"])
         # The honest client is served meanwhile, and broadcasts pile up on the stuck ones.
