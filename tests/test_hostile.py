@@ -7,6 +7,7 @@ attacker left nothing behind.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 
@@ -188,6 +189,8 @@ def test_fragment_flood_stalls_no_one_and_costs_no_memory(srv):
     """Endless empty fragments keep one socket full: other clients stay fast, memory stays flat."""
     before = srv.stats()["rss"]
     ws = open_raw(srv)
+    # A small send buffer keeps the backlog, and the test, short.
+    ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
     honest = open_raw(srv)
     ws.send_frame(TEXT, b'{"event": "@pi', fin=False)
     # Empty fragments add nothing to the size, so the limit never ends them.
