@@ -349,35 +349,42 @@ messages = st.one_of(
 )
 
 
-@settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-@given(messages)
-def test_live_endpoint_answers_per_protocol(srv, message):
-    """A live server answers any frame as the protocol says, then keeps serving the connection."""
-    opcode, payload = message
+def exchange(ws: RawWebSocket, opcode: int, payload: bytes) -> bool:
+    """Send one fuzzed frame and check its answers; ``False`` once the server closed."""
+    ws.send_frame(opcode, payload)
+    if opcode == TEXT:
+        try:
+            text = payload.decode()
+        except UnicodeDecodeError:
+            assert ws.recv_close() == 1007
+            return False
+    # A ping after it: every frame before the pong answers the fuzzed one.
+    ws.send_json({"event": "@ping", "ref": "sentinel"})
+    got = []
+    while True:
+        frame = ws.recv_frame()
+        assert frame.opcode == TEXT, frame
+        answer = frame.json()
+        if answer.get("ref") == "sentinel" and answer["event"] == "@pong":
+            break
+        got.append(answer)
+    if opcode == BINARY:
+        assert len(got) == 1 and got[0]["event"] == "@error" and got[0]["data"]["code"] == "bad_frame"
+        assert "ref" not in got[0] and "channel" not in got[0]
+    else:
+        assert_answers(got, expected_answers(text))
+    return True
+
+
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(messages, min_size=1, max_size=4))
+def test_live_endpoint_answers_per_protocol(srv, sequence):
+    """A live server answers any frames as the protocol says, one after another on one connection."""
     with RawWebSocket(srv.ws_url) as ws:
         ws.connected()
-        ws.send_frame(opcode, payload)
-        if opcode == TEXT:
-            try:
-                text = payload.decode()
-            except UnicodeDecodeError:
-                assert ws.recv_close() == 1007
-                return
-        # A ping after it: every frame before the pong answers the fuzzed one.
-        ws.send_json({"event": "@ping", "ref": "sentinel"})
-        got = []
-        while True:
-            frame = ws.recv_frame()
-            assert frame.opcode == TEXT, frame
-            answer = frame.json()
-            if answer.get("ref") == "sentinel" and answer["event"] == "@pong":
+        for opcode, payload in sequence:
+            if not exchange(ws, opcode, payload):
                 break
-            got.append(answer)
-        if opcode == BINARY:
-            assert len(got) == 1 and got[0]["event"] == "@error" and got[0]["data"]["code"] == "bad_frame"
-            assert "ref" not in got[0] and "channel" not in got[0]
-        else:
-            assert_answers(got, expected_answers(text))
 
 
 def test_live_server_clean_after_fuzzing(srv):
