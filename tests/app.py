@@ -209,6 +209,13 @@ def not_json(message, connection):
     return {"a set is not JSON"}
 
 
+@sockets.on("slow", channel="chat")
+def slow(message, connection):
+    """Takes ``data`` seconds, as a handler waiting on a slow service would."""
+    gevent.sleep(float(message.data))
+    return "done"
+
+
 @sockets.on_disconnect
 def count_disconnect(connection):
     DISCONNECTS[connection.id] = DISCONNECTS.get(connection.id, 0) + 1
