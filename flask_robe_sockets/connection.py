@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import secrets
 import socket
+import ssl
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
@@ -164,12 +165,18 @@ class Connection:
         batch = b"".join(queue) if len(queue) > 1 else queue[0]
         queue.clear()
         self._partial_head = False
-        try:
-            # The OS socket under gevent's wrapper: MSG_DONTWAIT makes sure
-            # this greenlet never waits here, whatever the socket's mode.
-            sent = getattr(self._socket.sock, "_sock", self._socket.sock).send(batch, socket.MSG_DONTWAIT)
-        except OSError:
-            sent = 0  # would block, or broken: the writer's sendall finds out which
+        sock = self._socket.sock
+        if isinstance(sock, ssl.SSLSocket):
+            # Under TLS (gunicorn --certfile) the OS socket below would get
+            # plaintext: the writer's sendall goes through the SSL layer.
+            sent = 0
+        else:
+            try:
+                # The OS socket under gevent's wrapper: MSG_DONTWAIT makes sure
+                # this greenlet never waits here, whatever the socket's mode.
+                sent = getattr(sock, "_sock", sock).send(batch, socket.MSG_DONTWAIT)
+            except OSError:
+                sent = 0  # would block, or broken: the writer's sendall finds out which
         if sent < len(batch):
             queue.insert(0, batch[sent:])
             self._partial_head = True

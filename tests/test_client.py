@@ -37,7 +37,7 @@ from flask_robe_sockets.client import (
 )
 from flask_robe_sockets.errors import RobeSocketsError
 
-from .servers import ROOT, wait_until
+from .servers import ROOT, Gunicorn, wait_until
 
 
 class Proxy:
@@ -615,9 +615,49 @@ def test_session_cookies_carry_over_to_tickets(server, make_client):
     http.close()
 
 
+class Tls:
+    """A self-signed certificate for 127.0.0.1 and the contexts that use it."""
+
+    def __init__(self, cert, key) -> None:
+        self.cert, self.key = cert, key
+        self.server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.server_context.load_cert_chain(cert, key)
+        self.client_context = ssl.create_default_context(cafile=str(cert))
+
+    def session(self) -> requests.Session:
+        http = requests.Session()
+        http.verify = str(self.cert)
+        # Else REQUESTS_CA_BUNDLE, when set, overrides verify (requests #3829).
+        http.trust_env = False
+        return http
+
+
+class TlsGunicorn(Gunicorn):
+    """The test app behind gunicorn's own TLS (``--certfile``)."""
+
+    def __init__(self, tls: Tls) -> None:
+        self.tls = tls
+        super().__init__(extra=["--certfile", str(tls.cert), "--keyfile", str(tls.key)])
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        self.url = self.url.replace("http://", "https://")
+        self.ws_url = self.ws_url.replace("ws://", "wss://")
+        with self.tls.session() as http:
+
+            def ready():
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"gunicorn exited:\n{self.output()}")
+                try:
+                    return http.get(self.url + "/stats", timeout=1).ok
+                except requests.RequestException:
+                    return False
+
+            wait_until(ready, timeout, 0.05, "gunicorn (TLS) to serve")
+
+
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory):
-    """A self-signed certificate for 127.0.0.1: (server context, client context)."""
+    """A self-signed certificate for 127.0.0.1."""
     if not shutil.which("openssl"):
         pytest.skip("openssl is not installed")
     folder = tmp_path_factory.mktemp("tls")
@@ -628,15 +668,32 @@ def tls(tmp_path_factory):
          "-addext", "subjectAltName=IP:127.0.0.1"],
         check=True, capture_output=True, timeout=60,
     )
-    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_side.load_cert_chain(cert, key)
-    return server_side, ssl.create_default_context(cafile=str(cert))
+    return Tls(cert, key)
+
+
+def test_wss_to_gunicorn_tls(tls, make_client):
+    """Over wss straight to gunicorn's TLS, tickets, replies and broadcasts all work."""
+    srv = TlsGunicorn(tls)
+    http = tls.session()
+    try:
+        record = Recorder()
+        client = make_client(srv=srv, session=http, ssl_context=tls.client_context, record=record)
+        chat = client.subscribe("chat")
+        chat.on("said", record("said"))
+        assert chat.send("echo", "x" * 5000) == {"echo": "x" * 5000}
+        assert chat.send("say", "over tls") is None
+        assert record.wait("said")[0].data == "over tls"
+        client.close()
+        assert record.args("disconnect") == [1000]
+    finally:
+        http.close()
+        srv.stop()
 
 
 def test_wss_with_concurrent_sends_and_broadcasts(server, make_client, tls):
     """Over wss, sends from several threads and the broadcasts they cause all arrive intact."""
-    proxy = Proxy(server.port, tls=tls[0])
-    client = make_client(proxy.ws_url, ssl_context=tls[1])
+    proxy = Proxy(server.port, tls=tls.server_context)
+    client = make_client(proxy.ws_url, ssl_context=tls.client_context)
     try:
         record = Recorder()
         chat = client.subscribe("chat")
