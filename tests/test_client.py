@@ -424,7 +424,7 @@ def test_reconnect_after_server_restart_is_not_recovered(make_server, make_clien
 def test_ping_detects_a_dead_connection(proxy, make_client):
     """@ping keeps a quiet connection up; without @pong it counts as lost."""
     record = Recorder()
-    client = make_client(proxy.ws_url, record=record, ping_interval=0.2, pong_timeout=0.5)
+    client = make_client(proxy.ws_url, record=record, ping_interval=0.2, pong_timeout=1.0)
     record.wait("connect")
     time.sleep(1.0)  # five quiet intervals: each @ping is answered, nothing drops
     assert record.args("disconnect") == []
