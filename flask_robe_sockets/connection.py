@@ -101,6 +101,9 @@ class Connection:
         self._writing = False
         # Whether the queue's first item is the rest of a frame partly written.
         self._partial_head = False
+        # Set while the reader runs the application's handlers: the client's
+        # pong may wait unread behind a slow one, so silence is not its fault.
+        self._busy = False
         self._closing = False
         self._reader_done = threading.Event()
         self._active = time.monotonic()
@@ -201,7 +204,11 @@ class Connection:
         if self._closing:
             return
         if self._admit():
-            self._server.handle_text(self, text)
+            self._busy = True
+            try:
+                self._server.handle_text(self, text)
+            finally:
+                self._busy = False
         elif not self._closing:
             self._server.answer_rate_limited(self, text)
 
@@ -272,7 +279,7 @@ class Connection:
                 # later, is gone. Comparing with the ping's time, not with the
                 # interval: the timer fires a little late, so a prompt pong
                 # can still be "an interval ago" by then.
-                if pinged_at is not None and self._active < pinged_at:
+                if pinged_at is not None and self._active < pinged_at and not self._busy:
                     log.info("connection %s did not answer a ping: dropping it", self.id)
                     self.on_reader_done()
                     return

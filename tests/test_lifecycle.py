@@ -125,6 +125,19 @@ def test_ping_answered_keeps_an_idle_client(srv, raw):
     assert ws.request({"event": "@ping", "ref": 1}) == {"event": "@pong", "data": None, "ref": 1}
 
 
+def test_slow_handler_is_not_a_ping_timeout(srv):
+    """A handler busy for three ping intervals does not get its client dropped as silent."""
+    with connect(srv.ws_url, open_timeout=5) as ws:  # answers pings by itself
+        assert json.loads(ws.recv(timeout=5))["event"] == "@connected"
+        ws.send(json.dumps({"channel": "chat", "event": "slow", "data": 3 * PING_INTERVAL, "ref": 1}))
+        # The pongs wait unread behind the handler; the reply still comes.
+        assert json.loads(ws.recv(timeout=3 * PING_INTERVAL + 5)) == {
+            "channel": "chat", "event": "@reply", "data": "done", "ref": 1,
+        }
+        ws.send(json.dumps({"event": "@ping", "ref": 2}))
+        assert json.loads(ws.recv(timeout=5)) == {"event": "@pong", "data": None, "ref": 2}
+
+
 # -- churn and half-open connections -----------------------------------------
 
 
