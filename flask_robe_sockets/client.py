@@ -625,8 +625,10 @@ class Client:
             unanswered = list(self._pending.values())
             self._pending.clear()
             closed = self._closed
-        if code is None:
-            code = protocol.CLOSE_NORMAL if closed else CLOSE_ABNORMAL
+        if closed:
+            code = protocol.CLOSE_NORMAL  # whatever the server answered, or not
+        elif code is None:
+            code = CLOSE_ABNORMAL
         for request in unanswered:
             error = (
                 ClientClosed("the client was closed before the server answered")
