@@ -200,6 +200,14 @@ def publish(srv, channel: str, event: str, data) -> int:
     return response.json()["seq"]
 
 
+def outcome(function, *args, **kwargs):
+    """What ``function`` returned, or the library error it raised."""
+    try:
+        return function(*args, **kwargs)
+    except RobeSocketsError as exc:
+        return exc
+
+
 def subscribed(client: Client, name: str, record: Recorder) -> Subscribed:
     """Subscribe ``name``, recording its messages, and wait for ``@subscribed``."""
     channel = client.subscribe(name)
@@ -446,10 +454,7 @@ def test_sends_while_disconnected_go_out_after_reconnect(proxy, make_client):
     results = {}
 
     def send(n):
-        try:
-            results[n] = chat.send("echo", n, timeout=10)
-        except RobeSocketsError as exc:
-            results[n] = exc
+        results[n] = outcome(chat.send, "echo", n, timeout=10)
 
     written = proxy.from_clients
     in_flight = threading.Thread(target=send, args=(0,))
@@ -480,9 +485,11 @@ def test_queue_bound_and_timeouts_fail_at_once(proxy, make_client):
     with pytest.raises(SendTimeout):
         chat.send("echo", "late", timeout=0.1)
     results = []
-    threads = [
-        threading.Thread(target=lambda: results.append(_outcome(chat.send, "echo", n))) for n in (1, 2)
-    ]
+
+    def send(n):
+        results.append(outcome(chat.send, "echo", n))
+
+    threads = [threading.Thread(target=send, args=(n,)) for n in (1, 2)]
     for thread in threads:
         thread.start()
     wait_until(lambda: len(client._queue) == 2, 5, message="two queued sends")
@@ -496,13 +503,6 @@ def test_queue_bound_and_timeouts_fail_at_once(proxy, make_client):
         thread.join(5)
     assert [type(result) for result in results] == [ClientClosed, ClientClosed]
     assert record.args("connect") == record.args("disconnect") == []  # it never was connected
-
-
-def _outcome(function, *args):
-    try:
-        return function(*args)
-    except RobeSocketsError as exc:
-        return exc
 
 
 # -- tickets ------------------------------------------------------------
@@ -702,7 +702,7 @@ def test_wss_with_concurrent_sends_and_broadcasts(server, make_client, tls):
         results = []
 
         def send_many(thread):
-            results.extend(_outcome(chat.send, "say", [thread, n, pad]) for n in range(25))
+            results.extend(outcome(chat.send, "say", [thread, n, pad]) for n in range(25))
 
         threads = [threading.Thread(target=send_many, args=(k,)) for k in range(4)]
         for thread in threads:
