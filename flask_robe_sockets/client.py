@@ -551,7 +551,7 @@ class Client:
     def _fetch_ticket(self) -> str:
         try:
             response = self._session.post(self.ticket_url, timeout=self.connect_timeout)
-        except OSError as exc:  # requests' errors are OSErrors too
+        except Exception as exc:  # requests' errors are OSErrors; a session's hooks raise anything
             message = f"cannot get a ticket from {self.ticket_url}: {exc}"
             raise ConnectError(message, code="ticket_failed") from exc
         with response:

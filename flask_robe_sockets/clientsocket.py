@@ -93,7 +93,11 @@ class ClientSocket:
             raise
 
     def _handshake(self, host: str, target: str) -> None:
-        self.sock.sendall(self.ws.send(Request(host=host, target=target)))
+        try:
+            request = self.ws.send(Request(host=host, target=target))
+        except LocalProtocolError as exc:
+            raise ConnectionError(f"cannot build the handshake: {exc}") from None
+        self.sock.sendall(request)
         status = 0
         body = b""
         while True:
