@@ -81,6 +81,8 @@ class Subscriber:
         self.seq: int | None = None
         self.epoch: str | None = None
         self.numbers: list[int] = []
+        #: What happened, for the assertion messages: answers and seqs read.
+        self.trace: list = []
         self.ws = None
         self._stack = contextlib.ExitStack()
 
@@ -93,6 +95,7 @@ class Subscriber:
         self.ws.send(json.dumps({"channel": self.channel, "event": "@subscribe", "ref": "s", "data": data}))
         answer = json.loads(self.ws.recv(timeout=5))
         assert answer["event"] == "@subscribed", answer
+        self.trace.append((srv.port, answer["data"], data))
         self.epoch = answer["data"]["epoch"]
         if self.seq is None:
             self.seq = answer["data"]["seq"]
@@ -107,7 +110,8 @@ class Subscriber:
             frame = json.loads(self.ws.recv(timeout=timeout))
             if new_epoch and frame["seq"] == 1 and self.seq:
                 self.seq, new_epoch = 0, False
-            assert frame["channel"] == self.channel and frame["seq"] == self.seq + 1, (frame, self.seq)
+            assert frame["channel"] == self.channel and frame["seq"] == self.seq + 1, f"{frame} after {self.trace[-30:]}"
+            self.trace.append(frame["seq"])
             self.seq = frame["seq"]
             self.numbers.append(frame["data"]["n"])
 

@@ -174,6 +174,8 @@ class RedisBackend(Backend):
         self._subscriptions: dict[str, _Subscription] = {}
         #: SUBSCRIBE commands sent per channel and not confirmed yet.
         self._pending: dict[str, int] = {}
+        #: Joins waiting for the listener to reach a PING's answer.
+        self._barriers: dict[bytes, gevent.event.AsyncResult] = {}
         self._conn: Any = None
         # Serialises writes to the pub/sub connection, which several
         # greenlets subscribe through while the listener reads it.
@@ -211,30 +213,63 @@ class RedisBackend(Backend):
             ) from exc
 
     def recover(self, channel: str, since: int | None, epoch: str | None) -> Recovery:
+        """Read the channel's position and history, for a client joining here.
+
+        When this worker listens to ``channel``, the history is read only
+        after Redis confirmed the SUBSCRIBE (else a broadcast published in
+        between would be missed), and the answer is returned only once the
+        listener has handed over every broadcast up to the position read
+        (else one still on its way would reach the new member after the
+        replay too). So a joiner's replay and its live broadcasts meet with
+        no gap and no duplicate, as ``channels.Hub`` expects.
+        """
         subscription = self._subscriptions.get(channel)
         if subscription is not None and not subscription.ready.is_set():
-            # Reading the history before Redis confirmed the SUBSCRIBE could
-            # miss a broadcast published in between.
             if self._failures or not subscription.ready.wait(self.timeout):
                 raise PublishError(f"Redis at {self._where()} is unreachable: cannot join {channel!r}")
+        answer = self._read_history(channel, since, epoch)
+        if subscription is not None:
+            self._barrier(channel)
+            if subscription.epoch is None:
+                subscription.epoch = answer.epoch
+            if subscription.epoch == answer.epoch:
+                subscription.last = max(subscription.last, answer.seq)
+        return answer
+
+    def _read_history(self, channel: str, since: int | None, epoch: str | None) -> Recovery:
         args = [secrets.token_urlsafe(6), self._ttl_ms, -1 if since is None else since,
                 epoch or "", self.history_size]
         try:
             current, seq, flat = self._recover(keys=self._keys(channel), args=args)
         except redis.RedisError as exc:
             raise PublishError(f"could not read the history of {channel!r} from Redis: {exc}") from exc
-        current = current.decode()
-        if subscription is not None and subscription.epoch is None:
-            subscription.epoch = current
-            subscription.last = max(subscription.last, seq)
-        answer = Recovery(False, seq, current)
-        if since is None or since > seq or (epoch is not None and epoch != current):
+        answer = Recovery(False, seq, current.decode())
+        if since is None or since > seq or (epoch is not None and epoch != answer.epoch):
             return answer
         frames = [(int(flat[i]), protocol.ws_frame(flat[i + 1])) for i in range(len(flat) - 2, -1, -2)]
         if len(frames) == seq - since and (not frames or frames[0][0] == since + 1):
             answer.recovered = True
             answer.frames = frames
         return answer
+
+    def _barrier(self, channel: str) -> None:
+        """Wait until the listener has read all that Redis sent it so far.
+
+        Redis answers a PING on the pub/sub connection after every message
+        it queued there before, so its answer marks the point.
+        """
+        token = secrets.token_hex(6).encode()
+        done = self._barriers[token] = gevent.event.AsyncResult()
+        try:
+            with self._write_lock:
+                if self._conn is None:
+                    raise PublishError(f"Redis at {self._where()} is unreachable: cannot join {channel!r}")
+                self._conn.send_command("PING", token, check_health=False)
+            done.get(timeout=self.timeout)
+        except (redis.RedisError, gevent.Timeout) as exc:
+            raise PublishError(f"Redis at {self._where()} did not answer in time: cannot join {channel!r}") from exc
+        finally:
+            self._barriers.pop(token, None)
 
     def claim_nonce(self, nonce: str, ttl: float) -> bool:
         try:
@@ -323,6 +358,8 @@ class RedisBackend(Backend):
                     self._pending.clear()
                     for subscription in self._subscriptions.values():
                         subscription.ready.clear()
+                    for done in self._barriers.values():
+                        done.set_exception(redis.ConnectionError("the pub/sub connection was lost"))
                 if conn is not None:
                     conn.disconnect()
             if not self._closed:
@@ -336,6 +373,8 @@ class RedisBackend(Backend):
         that arrived meanwhile are delivered after them, each once.
         """
         held: list[tuple[bytes, bytes]] | None = [] if resync else None
+        # Barriers reached while messages are held count once those are out.
+        passed: list[bytes] = []
         waiting = {self._prefix.encode() + c.encode() for c in self._subscriptions}
         pinged = False
         while True:
@@ -348,12 +387,19 @@ class RedisBackend(Backend):
                 continue
             reply = conn.read_response(disconnect_on_error=False)
             pinged = False
+            if isinstance(reply, bytes):  # a PING's answer when subscribed to nothing
+                reply = [b"pong", reply]
             kind = reply[0]
             if kind == b"message":
                 if held is None:
                     self._on_message(reply[1], reply[2])
                 else:
                     held.append((reply[1], reply[2]))
+            elif kind == b"pong":
+                if held is None:
+                    self._pass_barrier(reply[1])
+                else:
+                    passed.append(reply[1])
             elif kind == b"subscribe":
                 waiting.discard(reply[1])
                 channel = reply[1].decode()[len(self._prefix):]
@@ -372,17 +418,24 @@ class RedisBackend(Backend):
                 self._fill_gaps()
                 for name, payload in held:
                     self._on_message(name, payload)
+                for token in passed:
+                    self._pass_barrier(token)
                 held = None
+
+    def _pass_barrier(self, token: bytes) -> None:
+        done = self._barriers.get(token)
+        if done is not None and not done.ready():
+            done.set(None)
 
     def _fill_gaps(self) -> None:
         for channel, subscription in list(self._subscriptions.items()):
             if subscription.epoch is None:
                 continue
             try:
-                recovery = self.recover(channel, subscription.last, subscription.epoch)
+                recovery = self._read_history(channel, subscription.last, subscription.epoch)
                 if recovery.epoch != subscription.epoch:  # Redis lost the channel meanwhile
                     subscription.epoch, subscription.last = recovery.epoch, 0
-                    recovery = self.recover(channel, 0, recovery.epoch)
+                    recovery = self._read_history(channel, 0, recovery.epoch)
             except PublishError as exc:
                 log.warning("cannot read what %r missed while Redis was unreachable: %s", channel, exc)
                 continue
