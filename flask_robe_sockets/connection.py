@@ -10,6 +10,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 import gevent
+from gevent import monkey
 
 from . import protocol
 from .ratelimit import RateLimiter
@@ -19,6 +20,16 @@ if TYPE_CHECKING:
     from .server import SocketServer
 
 log = logging.getLogger("flask_robe_sockets")
+
+
+def _under_gevent() -> bool:
+    """Whether this process runs on gevent's loop (gunicorn's gevent worker).
+
+    The flusher and the raw reader greenlets need that loop; under a
+    threaded server (``flask run``) nothing would ever run them, so each
+    connection uses a reader thread and its own writer wakes up instead.
+    """
+    return monkey.is_module_patched("socket")
 
 
 class _Flusher:
@@ -93,6 +104,7 @@ class Connection:
         # connection's whole budget is a few kilobytes.
         self._queue: list[bytes] = []
         self._queue_size = server.config["ROBE_SOCKETS_SEND_QUEUE_SIZE"]
+        self._on_gevent = _under_gevent()
         # Set by writers of the queue; waited on by the writer loop.
         self._wakeup = threading.Event()
         # Whether the flusher has this connection on its list.
@@ -155,7 +167,9 @@ class Connection:
             self._overflow()
             return
         self._queue.append(frame)
-        if not self._flush_pending:
+        if not self._on_gevent:
+            self._wakeup.set()
+        elif not self._flush_pending:
             self._flush_pending = True
             _flusher.add(self)
 
@@ -258,7 +272,10 @@ class Connection:
         """Upgrade the request and run the connection until it ends."""
         config = self._server.config
         self._socket = ServerSocket(
-            environ, self, config["ROBE_SOCKETS_MAX_MESSAGE_SIZE"], thread_class=_Reader
+            environ,
+            self,
+            config["ROBE_SOCKETS_MAX_MESSAGE_SIZE"],
+            thread_class=_Reader if self._on_gevent else None,
         )
         try:
             self._server.connected(self)
