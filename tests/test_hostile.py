@@ -73,7 +73,8 @@ def assert_nothing_left(srv) -> dict:
     """No connection, slot or channel membership remains once clients are gone."""
     def clean():
         stats = srv.stats()
-        return stats if (stats["connections"], stats["slots"], stats["channels"], stats["joining"]) == (0, 0, [], []) else None
+        counts = (stats["connections"], stats["slots"], stats["channels"], stats["joining"])
+        return stats if counts == (0, 0, [], []) else None
 
     stats = wait_until(clean, 10, message=f"a clean server, last seen {srv.stats()}")
     assert stats["disconnected_twice"] == []

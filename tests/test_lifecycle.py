@@ -182,8 +182,9 @@ def subscribe_cycles(ws, start: int, count: int, batch: int = 20) -> None:
         frames = []
         for i in range(first, min(first + batch, start + count)):
             channel = f"cycle:{i}"
-            frames.append(build_frame(TEXT, json.dumps({"channel": channel, "event": "@subscribe", "ref": i}).encode()))
-            frames.append(build_frame(TEXT, json.dumps({"channel": channel, "event": "@unsubscribe", "ref": i}).encode()))
+            for event in ("@subscribe", "@unsubscribe"):
+                frame = {"channel": channel, "event": event, "ref": i}
+                frames.append(build_frame(TEXT, json.dumps(frame).encode()))
         ws.sock.sendall(b"".join(frames))
         for _ in range(len(frames)):
             assert ws.recv_json()["event"] in ("@subscribed", "@unsubscribed")
