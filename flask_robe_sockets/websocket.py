@@ -15,6 +15,7 @@ that and replaces the rest, which does not hold up in production:
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Callable
 
@@ -31,6 +32,8 @@ from wsproto.events import (
 from wsproto.utilities import LocalProtocolError
 
 from . import protocol
+
+log = logging.getLogger("flask_robe_sockets")
 
 
 class ServerSocket(simple_websocket.Server):
@@ -84,6 +87,10 @@ class ServerSocket(simple_websocket.Server):
                 self.connected = self._handle_events()
         except (OSError, LocalProtocolError):
             pass
+        except Exception:
+            # A bug of ours: the client still gets a close code, not silence.
+            log.exception("reading from a client failed: closing with 1011")
+            listener.close(protocol.CLOSE_INTERNAL, "internal error")
         finally:
             self.connected = False
             listener.on_reader_done()
