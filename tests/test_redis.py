@@ -18,7 +18,7 @@ import requests
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
-from flask_robe_sockets import Publisher, PublishError
+from flask_robe_sockets import Publisher, PublishError, protocol
 
 from .servers import Gunicorn, RedisServer, free_port, wait_until
 
@@ -368,3 +368,62 @@ def test_redis_restart_under_load(tmp_path):
         for srv in servers:
             srv.stop()
         store.stop()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def make_backend(request):
+    """Build a backend of either kind (no listener: this process is not gevent's)."""
+    from flask_robe_sockets.backends import create_backend
+
+    url = "memory://" if request.param == "memory" else request.getfixturevalue("redis_url")
+    made = []
+
+    def make(**options):
+        made.append(create_backend(url, **options))
+        return made[-1]
+
+    yield make
+    for backend in made:
+        backend.close()
+
+
+def test_history_replays_exactly_the_missed_broadcasts(make_backend):
+    """recover() replays the frames after since, as published; too old a since or another epoch replays nothing."""
+    backend = make_backend(history_size=5, history_ttl=60)
+    channel = fresh_channel()
+    seqs = [backend.publish(channel, "n", {"n": n}) for n in range(8)]
+    assert seqs == list(range(1, 9))
+    recovery = backend.recover(channel, 3, None)
+    assert (recovery.recovered, recovery.seq) == (True, 8)
+    assert recovery.frames == [
+        (seq, protocol.ws_frame(protocol.encode("n", {"n": seq - 1}, channel, seq=seq))) for seq in range(4, 9)
+    ]
+    assert backend.recover(channel, 8, recovery.epoch).recovered is True
+    assert backend.recover(channel, 8, recovery.epoch).frames == []
+    for since, epoch in ((2, None), (9, None), (5, "another epoch")):
+        missed = backend.recover(channel, since, epoch)
+        assert (missed.recovered, missed.frames, missed.seq) == (False, [], 8), (since, epoch)
+    assert backend.recover(channel, None, None).recovered is False
+
+
+def test_history_expires(make_backend):
+    """Broadcasts older than the history TTL are not replayed."""
+    backend = make_backend(history_size=5, history_ttl=0.3)
+    channel = fresh_channel()
+    backend.publish(channel, "n", {"n": 0})
+    backend.publish(channel, "n", {"n": 1})
+    assert backend.recover(channel, 1, None).recovered is True
+    wait_until(lambda: not backend.recover(channel, 1, None).recovered, 5, 0.05, "the history to expire")
+
+
+def test_epoch_changes_when_redis_loses_the_channel(redis_url):
+    """After Redis lost a channel's keys, seq starts again from 1 under a new epoch."""
+    publisher = Publisher.from_url(redis_url)
+    channel = fresh_channel()
+    assert publisher[channel].send("n", n=0) == 1
+    before = publisher.backend.recover(channel, 0, None)
+    redis.Redis.from_url(redis_url).flushdb()
+    assert publisher[channel].send("n", n=1) == 1
+    after = publisher.backend.recover(channel, 0, before.epoch)
+    assert after.epoch != before.epoch and (after.recovered, after.seq) == (False, 1)
+    publisher.close()
