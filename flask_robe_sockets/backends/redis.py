@@ -274,7 +274,9 @@ class RedisBackend(Backend):
                 self._conn.send_command("PING", token, check_health=False)
             done.get(timeout=self.timeout)
         except (redis.RedisError, gevent.Timeout) as exc:
-            raise PublishError(f"Redis at {self._where()} did not answer in time: cannot join {channel!r}") from exc
+            raise PublishError(
+                f"Redis at {self._where()} did not answer in time: cannot join {channel!r}"
+            ) from exc
         finally:
             self._barriers.pop(token, None)
 
@@ -320,7 +322,8 @@ class RedisBackend(Backend):
                     names.append(self._prefix + channel)
             try:
                 for start in range(0, len(names), SUBSCRIBE_BATCH):
-                    self._conn.send_command("SUBSCRIBE", *names[start:start + SUBSCRIBE_BATCH], check_health=False)
+                    batch = names[start:start + SUBSCRIBE_BATCH]
+                    self._conn.send_command("SUBSCRIBE", *batch, check_health=False)
             except redis.RedisError as exc:
                 log.info("SUBSCRIBE failed (%s): the listener reconnects", exc)
 
