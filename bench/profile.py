@@ -57,7 +57,7 @@ def main() -> int:
         server.wait_subscribers(args.n)
         spy = subprocess.Popen(
             [str(BIN / "py-spy"), "record", "--pid", str(server.pids[0]), "--format", "raw",
-             "--rate", "250", "--nonblocking", "--output", str(out), "--duration", str(int(args.seconds))],
+             "--rate", "250", "--nonblocking", "--function", "--output", str(out), "--duration", str(int(args.seconds))],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         time.sleep(0.5)

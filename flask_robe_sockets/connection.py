@@ -48,14 +48,19 @@ class _Flusher:
 
     def add(self, conn: "Connection") -> None:
         if not self._pending:
-            gevent.spawn(self._run)
+            # A raw greenlet: a gevent.Greenlet records the stack that spawned
+            # it, a cost paid on every round of the event loop that writes.
+            gevent.spawn_raw(self._run)
         self._pending.append(conn)
 
     def _run(self) -> None:
         while self._pending:
             pending, self._pending = self._pending, []
             for conn in pending:
-                conn._flush()
+                try:
+                    conn._flush()
+                except Exception:  # one broken connection must not stall the others
+                    log.exception("writing to connection %s failed", conn.id)
 
 
 # One per process: every connection of a gevent worker shares its event loop.
