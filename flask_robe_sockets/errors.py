@@ -6,7 +6,7 @@ The tree::
      +-- ConfigurationError   the app's setup cannot work (fix the config)
      +-- Forbidden            raised by a handler or hook to refuse a client
      +-- TicketError          a handshake ticket was refused (has .code)
-     +-- PublishError         a broadcast could not be handed to the backend
+     +-- PublishError         the backend (Redis) could not be reached
      +-- ProtocolError        a client frame breaks the wire protocol (has .code)
 
 The client's own errors (``flask_robe_sockets.client``) derive from
@@ -50,9 +50,12 @@ class TicketError(RobeSocketsError):
 
 
 class PublishError(RobeSocketsError):
-    """A message could not be published, e.g. because Redis is unreachable.
+    """The backend could not be reached, e.g. Redis is down.
 
-    The message was not delivered to anyone; retry once the backend is back.
+    Raised by ``send`` when the message was most likely not delivered: the
+    backend refused it or could not be reached. When the connection broke
+    after Redis took the message, it may have gone out all the same, so a
+    retry can deliver it twice.
     """
 
 

@@ -11,7 +11,7 @@ from flask import Flask, Response, current_app, jsonify, request, send_from_dire
 from . import config as config_module
 from .channels import Channel
 from .connection import Connection
-from .errors import ConfigurationError, TicketError
+from .errors import ConfigurationError, PublishError, TicketError
 from .message import Message
 from .server import SocketServer
 
@@ -236,6 +236,12 @@ def _check_handshake(server: SocketServer) -> Any:
             identity = server.tickets.verify(ticket, request.remote_addr)
         except TicketError as exc:
             raise _Refused(401, exc.code) from None
+        except PublishError:
+            # The used-nonce store (Redis) is down: the ticket cannot be
+            # checked for reuse. Not in PROTOCOL.md's table; the closest
+            # reading is a retryable 503 with a JSON body like the others.
+            log.warning("cannot check a ticket: the backend is unreachable")
+            raise _Refused(503, "backend_unavailable") from None
     if server.slots >= config["ROBE_SOCKETS_MAX_CONNECTIONS"]:
         raise _Refused(503, "too_many_connections")
     server.slots += 1

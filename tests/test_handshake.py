@@ -24,7 +24,7 @@ from websockets.sync.client import connect
 
 from flask_robe_sockets.tickets import SALT
 
-from .servers import Gunicorn, wait_until
+from .servers import Gunicorn, free_port, wait_until
 
 OTHER_IP = "127.0.0.2"
 EVIL = "https://evil.example"
@@ -422,3 +422,10 @@ def test_private_channel_only_for_its_identity(server):
         ).raise_for_status()
         assert json.loads(alice.recv(timeout=5))["event"] == "secret"
         assert ask(bob, event="@ping", ref="fence") == {"event": "@pong", "data": None, "ref": "fence"}
+
+
+def test_backend_unreachable_is_a_json_503(make_server):
+    """With Redis down a ticket cannot be checked for reuse: 503 backend_unavailable, no socket."""
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    srv = make_server({"ROBE_SOCKETS_REDIS_URL": dead})
+    assert_refused(attempt(srv, srv.ticket()), 503, "backend_unavailable")
