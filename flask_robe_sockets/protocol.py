@@ -230,3 +230,52 @@ def close_frame(code: int, reason: str = "") -> bytes:
 
 
 PING_FRAME = ws_frame(b"", opcode=0x9)
+
+
+def client_frame_size(data: bytes, pos: int = 0) -> int | None:
+    """Bytes taken by the client frame at ``data[pos:]`` (header, mask and
+    payload), or ``None`` while its header is still incomplete."""
+    available = len(data) - pos
+    if available < 2:
+        return None
+    second = data[pos + 1]
+    length = second & 0x7F
+    head = 6 if second & 0x80 else 2
+    if length == 126:
+        if available < 4:
+            return None
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        head += 2
+    elif length == 127:
+        if available < 10:
+            return None
+        length = int.from_bytes(data[pos + 2 : pos + 10], "big")
+        head += 8
+    return head + length
+
+
+def simple_text(frame: bytes) -> str | None:
+    """The text of ``frame`` if it is the common case of client traffic.
+
+    That is one whole message in one masked text frame, RSV bits clear,
+    length in its shortest form (at most 65,535 bytes), valid UTF-8. It is
+    unmasked here in a few integer operations; ``None`` means anything else,
+    for wsproto to handle (and refuse) as the RFC says.
+    """
+    if len(frame) < 6 or frame[0] != 0x81 or not frame[1] & 0x80:
+        return None
+    length = frame[1] & 0x7F
+    head = 6
+    if length == 126:
+        head = 8
+        if len(frame) - head < 126:
+            return None
+    elif length == 127:
+        return None
+    size = len(frame) - head
+    mask = frame[head - 4 : head]
+    key = int.from_bytes((mask * (size // 4 + 1))[:size], "big")
+    try:
+        return (int.from_bytes(frame[head:], "big") ^ key).to_bytes(size, "big").decode()
+    except UnicodeDecodeError:
+        return None

@@ -311,3 +311,55 @@ def test_close_frame_reason_is_cut_on_a_character_boundary():
     data = protocol.close_frame(1000, "é" * 100)
     assert data[1] <= 125
     assert data[4:].decode("utf-8") == "é" * 61
+
+
+# -- the reader's fast path for client frames -----------------------------------
+
+def _client_frame(payload: bytes, first: int = 0x81, mask: bytes = b"\x9a\x01\x7f\xe3", long16: bool = False) -> bytes:
+    length = len(payload)
+    if length < 126 and not long16:
+        header = struct.pack("!BB", first, 0x80 | length)
+    elif length < 65536:
+        header = struct.pack("!BBH", first, 0x80 | 126, length)
+    else:
+        header = struct.pack("!BBQ", first, 0x80 | 127, length)
+    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+@pytest.mark.parametrize("length", [0, 1, 125, 126, 65535, 65536])
+def test_client_frame_size_counts_header_mask_and_payload(length):
+    """The size of a client frame covers every header form, and the frame's end."""
+    frame = _client_frame(b"a" * length)
+    assert protocol.client_frame_size(frame) == len(frame)
+    assert protocol.client_frame_size(b"xx" + frame, 2) == len(frame)
+
+
+@pytest.mark.parametrize("head", [b"", b"\x81", b"\x81\xfe\x00", b"\x81\xff\x00\x00\x00"])
+def test_client_frame_size_waits_for_a_whole_header(head):
+    """An incomplete header has no size yet."""
+    assert protocol.client_frame_size(head) is None
+
+
+@pytest.mark.parametrize("text", ["", "hi", "héllo €😀", "x" * 125, "y" * 126, "z" * 65535])
+def test_simple_text_unmasks_whole_text_frames(text):
+    """A whole masked text frame in shortest form is unmasked and decoded."""
+    assert protocol.simple_text(_client_frame(text.encode())) == text
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        _client_frame(b"hi", first=0x01),  # a first fragment
+        _client_frame(b"hi", first=0x80),  # a continuation
+        _client_frame(b"hi", first=0x82),  # binary
+        _client_frame(b"hi", first=0xC1),  # RSV1 set
+        _client_frame(b"hi", first=0x89),  # ping
+        _client_frame(b"hi", long16=True),  # length not in its shortest form
+        _client_frame(b"z" * 65536),  # 64-bit length
+        _client_frame(b"\xff\xfe"),  # not UTF-8
+        struct.pack("!BB", 0x81, 2) + b"hi",  # not masked
+    ],
+)
+def test_simple_text_leaves_everything_else_to_wsproto(frame):
+    """Fragments, other opcodes, RSV bits, odd lengths, bad UTF-8 and unmasked frames are not the fast path."""
+    assert protocol.simple_text(frame) is None
