@@ -64,9 +64,9 @@ QUICK = {
     "runs": 3,
     "fanout_n": [100, 1000],
     "burst_seconds": 0.3,
-    "latency": {"subscribers": 1000, "rate": 50, "count": 75, "probes": 20},
+    "latency": {"subscribers": 1000, "rate": 50, "count": 60, "probes": 20},
     "capacity": {"connections": 2000, "runs": 1},
-    "inbound": {"clients": 100, "per_client": 150, "window": 8},
+    "inbound": {"clients": 100, "per_client": 100, "window": 8},
 }
 
 
