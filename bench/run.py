@@ -383,14 +383,26 @@ def table(rows_: list[dict], servers: list[str]) -> str:
     return "\n".join(text)
 
 
+def short(value: float) -> str:
+    if value >= 1e6:
+        return f"{value / 1e6:.2f}M"
+    if value >= 1e4:
+        return f"{value / 1e3:.0f}k"
+    return fmt(value)
+
+
 def markdown(rows_: list[dict], servers: list[str]) -> str:
+    """The table for the README: median (range), generator CPU in brackets."""
     head = ["workload", "metric", "read", *(LABELS[s] for s in servers), "x SocketIO", "x naive"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows_:
         cells = [row["workload"], row["metric"], row["mode"]]
         for name in servers:
             cell = row.get(name)
-            cells.append(f"{fmt(cell['median'])} ({fmt(cell['min'])}–{fmt(cell['max'])})" if cell else "-")
+            cells.append(
+                f"{short(cell['median'])} ({short(cell['min'])}–{short(cell['max'])}) [{cell['gen_cpu']:.0%}]"
+                if cell else "-"
+            )
         for peer in ("socketio", "naive"):
             ratio = row.get(f"x_{peer}")
             cells.append(f"{ratio:.2f}x" if ratio else "-")
