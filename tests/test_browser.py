@@ -194,6 +194,12 @@ def test_network_cut_replays_what_was_missed(chat, chat_server):
     chat.watch(chat_server)
     alice = chat.sign_in(chat_server, "alice")
     bob = chat.sign_in(chat_server, "bob")
+    # "connected" comes before the room's @subscribed: cut before it and the
+    # page only ever subscribes afterwards, with nothing to recover from.
+    # A message seen live proves bob is in the room.
+    before = unique("before the cut")
+    post(alice, before)
+    expect(message(bob, before)).to_have_count(1)
     bob.context.set_offline(True)
     # The socket outlives the network: the client's unanswered @ping finds
     # out, after its 10 s pong timeout.
