@@ -31,7 +31,9 @@ DEFAULTS: dict[str, Any] = {
     "ROBE_SOCKETS_ALLOWED_ORIGINS": None,
     #: Frames a client may send: ``(per second, burst)``. Frames over it get
     #: ``@error rate_limited``; a client that keeps on is closed with 1008.
-    "ROBE_SOCKETS_RATE_LIMIT": (50, 100),
+    #: The burst covers a reconnect: a subscribe per channel (up to
+    #: MAX_SUBSCRIPTIONS) plus the sends the client queued meanwhile.
+    "ROBE_SOCKETS_RATE_LIMIT": (50, 250),
     #: Whether the handshake needs a ticket from ``POST {PATH}/ticket``.
     "ROBE_SOCKETS_TICKETS_REQUIRED": True,
     #: Seconds a ticket stays valid after it is issued.

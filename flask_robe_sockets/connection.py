@@ -169,8 +169,14 @@ class Connection:
         if self._closing:
             return
         if len(self._queue) >= self._queue_size:
-            self._overflow()
-            return
+            if self._on_gevent:
+                # The flusher may not have had its turn yet (a reader handles
+                # a whole read, e.g. a reconnect's resubscribes with their
+                # replays, without yielding): the socket may take it now.
+                self._flush()
+            if len(self._queue) >= self._queue_size:
+                self._overflow()
+                return
         self._queue.append(frame)
         if not self._on_gevent:
             self._wakeup.set()
@@ -276,12 +282,16 @@ class Connection:
     def serve(self, environ: dict) -> None:
         """Upgrade the request and run the connection until it ends."""
         config = self._server.config
-        self._socket = ServerSocket(
-            environ,
-            self,
-            config["ROBE_SOCKETS_MAX_MESSAGE_SIZE"],
-            thread_class=_Reader if self._on_gevent else None,
-        )
+        try:
+            self._socket = ServerSocket(
+                environ,
+                self,
+                config["ROBE_SOCKETS_MAX_MESSAGE_SIZE"],
+                thread_class=_Reader if self._on_gevent else None,
+            )
+        except OSError as exc:  # the client left during the handshake
+            log.info("handshake from %s not completed: %r", self.remote_addr, exc)
+            return
         try:
             self._server.connected(self)
             self._write_loop(config["ROBE_SOCKETS_PING_INTERVAL"])
@@ -296,19 +306,25 @@ class Connection:
         write_timeout = ping_interval or 30
         pinged_at: float | None = None
         while True:
-            if not self._wakeup.wait(ping_interval):
-                # A client that sent nothing since our ping, an interval
-                # later, is gone. Comparing with the ping's time, not with the
-                # interval: the timer fires a little late, so a prompt pong
-                # can still be "an interval ago" by then.
-                if pinged_at is not None and self._active < pinged_at and not self._busy:
-                    log.info("connection %s did not answer a ping: dropping it", self.id)
-                    self.on_reader_done()
-                    return
-                now = time.monotonic()
-                if now - self._active < ping_interval:
+            timeout = None
+            if ping_interval:
+                # Counted from the client's last sign of life, or from our
+                # ping: waking up for writes must not push the deadline back.
+                start = self._active if pinged_at is None else pinged_at
+                timeout = max(0.0, start + ping_interval - time.monotonic())
+            if not self._wakeup.wait(timeout):
+                if pinged_at is not None:
+                    # Compared with the ping's time, not with the interval:
+                    # the timer fires a little late, so a prompt pong can
+                    # still be "an interval ago" by now. A client whose
+                    # handler is still running is not silent by its fault.
+                    if self._active < pinged_at and not self._busy:
+                        log.info("connection %s did not answer a ping: dropping it", self.id)
+                        self.on_reader_done()
+                        return
                     pinged_at = None
-                else:  # silent for a whole interval: ping
+                now = time.monotonic()
+                if now - self._active >= ping_interval:
                     pinged_at = now
                     queue.append(protocol.PING_FRAME)
             self._wakeup.clear()

@@ -77,6 +77,11 @@ class RobeSockets:
             raise ConfigurationError(
                 f"ROBE_SOCKETS_RATE_LIMIT must be (frames per second, burst), got {rate!r}"
             )
+        ping = settings["ROBE_SOCKETS_PING_INTERVAL"]
+        if ping is not None and not ping > 0:
+            raise ConfigurationError(
+                f"ROBE_SOCKETS_PING_INTERVAL must be seconds above 0, or None to turn pings off, got {ping!r}"
+            )
         if settings["ROBE_SOCKETS_TICKETS_REQUIRED"] and not app.secret_key:
             raise ConfigurationError(
                 "tickets are signed with the app's SECRET_KEY: set app.secret_key,"
@@ -115,7 +120,7 @@ class RobeSockets:
         return decorator
 
     def on_connect(self, hook: F) -> F:
-        """Register ``hook(connection)``, called after ``@connected`` is sent."""
+        """Register ``hook(connection)``, called once ``@connected`` is queued for it."""
         self._connect_hooks.append(hook)
         return hook
 
@@ -180,6 +185,10 @@ class RobeSockets:
 
     def _ticket_view(self) -> Response:
         server: SocketServer = current_app.extensions["robe_sockets"]
+        if server.tickets is None:
+            # No SECRET_KEY to sign with (allowed when tickets are optional):
+            # clients must connect without one (browser: ticketUrl: null).
+            return _json_error(404, "tickets_disabled")
         identity = self._identity_loader() if self._identity_loader else None
         if identity is None and self._identity_loader is not None:
             return _json_error(401, "unauthorized")

@@ -100,7 +100,10 @@ class SocketServer:
         sockets opened from now on are closed the same way."""
         self.shutting_down = True
         for conn in tuple(self.connections):
-            conn.close(protocol.CLOSE_GOING_AWAY, "server shutting down")
+            try:
+                conn.close(protocol.CLOSE_GOING_AWAY, "server shutting down")
+            except Exception:  # one failure must not keep the rest open
+                log.exception("could not close %s on shutdown", conn)
 
     def _hook_shutdown(self) -> None:
         """Close sockets with 1001 on SIGTERM, before gunicorn's graceful wait.
@@ -183,12 +186,21 @@ class SocketServer:
         since, epoch = _since(frame.data)
         try:
             allowed = self._allowed(conn, channel)
+        except Forbidden as exc:
+            allowed = False
+            reason = exc.message
         except Exception:
             log.exception("authorize hook failed for %s on %r", conn, channel)
             self.answer_error(conn, "handler_error", "the server could not authorize this", ref, channel)
             return
+        else:
+            reason = f"not allowed on channel {channel!r}"
+        if not conn.open:
+            # Closed while the hook ran (it may wait on a database): joining
+            # now would leave a member behind that nobody removes.
+            return
         if not allowed:
-            self.answer_error(conn, "forbidden", f"not allowed on channel {channel!r}", ref, channel)
+            self.answer_error(conn, "forbidden", reason, ref, channel)
             return
         rejoin = channel in conn._channels
         if not rejoin and len(conn._channels) >= self.config["ROBE_SOCKETS_MAX_SUBSCRIPTIONS"]:
@@ -262,13 +274,15 @@ class SocketServer:
 
 
 def _since(data: Any) -> tuple[int | None, str | None]:
-    """``since`` and ``epoch`` of a ``@subscribe``; unusable values count as absent."""
+    """``since`` and ``epoch`` of a ``@subscribe``; an unusable ``since`` counts as absent."""
     if not isinstance(data, dict):
         return None, None
     since = data.get("since")
     epoch = data.get("epoch")
     if not isinstance(since, int) or isinstance(since, bool) or since < 0:
         since = None
-    if not isinstance(epoch, str):
-        epoch = None
+    if "epoch" in data and not isinstance(epoch, str):
+        # Present but unusable: it names no epoch of ours, so it cannot be
+        # the current one, unlike an epoch left out.
+        epoch = ""
     return since, epoch

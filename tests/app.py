@@ -34,7 +34,7 @@ def _rss() -> int:
 
 def create_app() -> Flask:
     app = Flask(__name__)
-    app.secret_key = "test secret"
+    app.secret_key = None if os.environ.get("TEST_NO_SECRET_KEY") else "test secret"
     app.config.update(json.loads(os.environ.get("ROBE_TEST_CONFIG", "{}")))
     if isinstance(app.config.get("ROBE_SOCKETS_RATE_LIMIT"), list):
         app.config["ROBE_SOCKETS_RATE_LIMIT"] = tuple(app.config["ROBE_SOCKETS_RATE_LIMIT"])
@@ -115,6 +115,8 @@ def load_identity():
 def authorize(connection, channel):
     if channel.startswith("user:"):
         return channel == f"user:{connection.identity}"
+    if channel == "vault":
+        raise Forbidden("the vault is shut")
     return channel != "closed"
 
 
