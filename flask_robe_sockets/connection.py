@@ -151,7 +151,13 @@ class Connection:
             raise ValueError(f"invalid channel name {channel!r}")
         if not protocol.is_valid_event(event):
             raise ValueError(f"invalid event name {event!r}: 1 to 64 characters, not starting with '@'")
-        self.push(protocol.ws_frame(protocol.encode(event, data, channel)))
+        self._answer(event, data, channel)
+
+    def _answer(
+        self, event: str, data: Any = None, channel: str | None = None, ref: Any = None
+    ) -> None:
+        """Queue one frame of the protocol's own (``@reply``, ``@error``...) for this client."""
+        self.push(protocol.ws_frame(protocol.encode(event, data, channel, ref)))
 
     def close(self, code: int = protocol.CLOSE_NORMAL, reason: str = "") -> None:
         """Close the connection: queued messages are written, then the close frame."""

@@ -71,9 +71,7 @@ class SocketServer:
             return
         self._hook_shutdown()
         self.connections.add(conn)
-        conn.push(protocol.ws_frame(protocol.encode(
-            protocol.CONNECTED, {"id": conn.id, "protocol": protocol.VERSION}
-        )))
+        conn._answer(protocol.CONNECTED, {"id": conn.id, "protocol": protocol.VERSION})
         self._run_hooks(self.extension._connect_hooks, conn)
 
     def forget(self, conn: "Connection") -> None:
@@ -142,9 +140,7 @@ class SocketServer:
         ref: Any = None,
         channel: str | None = None,
     ) -> None:
-        conn.push(protocol.ws_frame(protocol.encode(
-            protocol.ERROR, protocol.error_payload(code, message), channel, ref
-        )))
+        conn._answer(protocol.ERROR, protocol.error_payload(code, message), channel, ref)
 
     def answer_rate_limited(self, conn: "Connection", text: str | None) -> None:
         ref = channel = None
@@ -164,9 +160,7 @@ class SocketServer:
             return
         event = frame.event
         if event == protocol.PING:
-            conn.push(protocol.ws_frame(
-                protocol.encode(protocol.PONG, frame.data, frame.channel, frame.ref)
-            ))
+            conn._answer(protocol.PONG, frame.data, frame.channel, frame.ref)
         elif event == protocol.SUBSCRIBE:
             self.subscribe(conn, frame)
         elif event == protocol.UNSUBSCRIBE:
@@ -223,11 +217,12 @@ class SocketServer:
             log.warning("cannot subscribe %s to %r: %s", conn, channel, exc)
             self.answer_error(conn, "handler_error", "the server cannot reach its backend", ref, channel)
             return
-        conn.push(protocol.ws_frame(protocol.encode(
+        conn._answer(
             protocol.SUBSCRIBED,
             {"recovered": recovery.recovered, "seq": recovery.seq, "epoch": recovery.epoch},
-            channel, ref,
-        )))
+            channel,
+            ref,
+        )
         for _, replayed in recovery.frames:
             conn.push(replayed)
         if not rejoin:
@@ -237,9 +232,7 @@ class SocketServer:
         if frame.channel in conn._channels:
             conn._channels.discard(frame.channel)
             self.hub.leave(conn, frame.channel)
-        conn.push(protocol.ws_frame(
-            protocol.encode(protocol.UNSUBSCRIBED, None, frame.channel, frame.ref)
-        ))
+        conn._answer(protocol.UNSUBSCRIBED, None, frame.channel, frame.ref)
 
     def dispatch(self, conn: "Connection", frame: protocol.Frame) -> None:
         channel, ref = frame.channel, frame.ref

@@ -8,8 +8,9 @@ that and replaces the rest, which does not hold up in production:
   under gevent may write part of a frame and lose the rest);
 - incoming messages are handed to a callback as they are read instead of
   piling up in an unbounded list, so limits act where frames are read;
-- the reader never writes: replies such as pongs are handed to the
-  connection's writer, which alone owns the socket for writing;
+- the reader never writes: replies such as pongs are queued on the
+  connection, whose writers (the flusher's non-blocking round and the
+  connection's own writer loop, never both at once) own the socket;
 - permessage-deflate is not negotiated: it would cost CPU per connection
   and lets a small frame inflate to any size before the size check;
 - a whole text message in one frame, nearly all client traffic, is parsed
@@ -55,7 +56,6 @@ class ServerSocket(simple_websocket.Server):
         thread_class: Callable | None = None,
     ) -> None:
         self.listener = listener
-        self.accepted = False
         #: Set once we failed the connection (1009, 1007): what the client
         #: still sends is read and dropped until it closes.
         self.draining = False
@@ -202,5 +202,4 @@ class ServerSocket(simple_websocket.Server):
                 return False
             elif isinstance(event, Request):
                 self._write_handshake(self.ws.send(AcceptConnection()))
-                self.accepted = True
         return True
