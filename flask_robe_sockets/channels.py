@@ -73,7 +73,10 @@ class Hub:
         if members:
             # A copy: a member that overflows leaves the set during the loop.
             for conn in tuple(members):
-                conn.push(frame)
+                try:
+                    conn.push(frame)
+                except Exception:  # one broken connection must not cost the others
+                    log.exception("could not queue a broadcast on %r for %s", channel, conn)
         joining = self._joining.get(channel)
         if joining:
             for buffer in joining.values():

@@ -24,6 +24,12 @@ class _History:
 
 
 class MemoryBackend(Backend):
+    """Everything in this process: the embedded default, one worker only.
+
+    Broadcasts go straight to the local hub; nothing reaches other
+    processes, so run a single worker (or use Redis).
+    """
+
     def __init__(self, history_size: int = 100, history_ttl: float = 300) -> None:
         self.history_size = history_size
         self.history_ttl = history_ttl
@@ -34,9 +40,10 @@ class MemoryBackend(Backend):
         self._swept = time.monotonic()
         # Epochs are "<process token>.<generation>". The generation moves on
         # whenever a history that had broadcasts is dropped, so a channel
-        # whose seq starts again from 1 comes back under a new epoch, while
-        # an empty channel dropped and recreated keeps the epoch its clients
-        # saw (they missed nothing).
+        # whose seq starts again from 1 comes back under a new epoch. An
+        # empty channel dropped and recreated usually keeps the epoch its
+        # clients saw (they missed nothing): unless, the generation being
+        # process-wide, some other history was dropped in between.
         self._token = secrets.token_urlsafe(6)
         self._generation = 0
 
