@@ -124,3 +124,18 @@ def test_channel_send_builds_data_from_keywords():
         channel.send("message", {"a": 1}, text="hi")
     with pytest.raises(ValueError, match="invalid event name"):
         channel.send("@subscribed")
+
+
+def test_a_failing_member_does_not_stop_the_broadcast(hub_calls):
+    """A member whose push raises is skipped; the others still get the frame."""
+    hub, _ = hub_calls
+
+    class Broken(FakeConnection):
+        def push(self, frame):
+            raise RuntimeError("broken")
+
+    healthy = FakeConnection()
+    join(hub, Broken(), "chat")
+    join(hub, healthy, "chat")
+    hub.deliver("chat", 1, b"x")
+    assert healthy.frames == [b"x"]
