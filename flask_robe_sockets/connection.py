@@ -196,9 +196,10 @@ class Connection:
         queue = self._queue
         if not queue or self._writing or self._socket is None:
             return
-        batch = b"".join(queue) if len(queue) > 1 else queue[0]
+        frames = queue[:]
+        batch = b"".join(frames) if len(frames) > 1 else frames[0]
         queue.clear()
-        self._partial_head = False
+        head_was_partial, self._partial_head = self._partial_head, False
         sock = self._socket.sock
         if isinstance(sock, ssl.SSLSocket):
             # Under TLS (gunicorn --certfile) the OS socket below would get
@@ -212,8 +213,16 @@ class Connection:
             except OSError:
                 sent = 0  # would block, or broken: the writer's sendall finds out which
         if sent < len(batch):
-            queue.insert(0, batch[sent:])
-            self._partial_head = True
+            # Put back what is left frame by frame, the one cut short first,
+            # so that the queue still counts messages, as its limit does.
+            for index, frame in enumerate(frames):
+                if sent < len(frame):
+                    break
+                sent -= len(frame)
+            left = frames[index + 1 :]
+            left.insert(0, frame[sent:] if sent else frame)
+            self._partial_head = bool(sent) or (index == 0 and head_was_partial)
+            queue[0:0] = left
             self._wakeup.set()
 
     def _overflow(self) -> None:

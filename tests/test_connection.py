@@ -1,0 +1,63 @@
+"""A connection's send queue, with a fake socket that takes what it is told."""
+from types import SimpleNamespace
+
+from flask_robe_sockets import protocol
+from flask_robe_sockets.connection import Connection
+
+
+class ShortSocket:
+    """Takes at most ``room`` bytes per send, like a full kernel buffer."""
+
+    def __init__(self, room):
+        self.room = room
+        self.written = b""
+
+    def send(self, data, flags=0):
+        taken = data[: self.room]
+        self.written += taken
+        return len(taken)
+
+
+def connection(queue_size, room):
+    server = SimpleNamespace(
+        config={"ROBE_SOCKETS_SEND_QUEUE_SIZE": queue_size, "ROBE_SOCKETS_RATE_LIMIT": (10, 10)},
+        forget=lambda conn: None,
+    )
+    conn = Connection(server)
+    sock = ShortSocket(room)
+    conn._socket = SimpleNamespace(sock=sock)
+    return conn, sock
+
+
+def frame(n):
+    return protocol.ws_frame(b"%08d" % n)  # 10 bytes each
+
+
+def test_partly_written_queue_still_counts_messages():
+    """After a partial write the queue holds the unsent messages, counted one by one."""
+    conn, sock = connection(queue_size=4, room=15)
+    for n in range(3):
+        conn.push(frame(n))
+    conn._flush()
+    assert sock.written == frame(0) + frame(1)[:5]
+    assert conn._queue == [frame(1)[5:], frame(2)]
+    conn.push(frame(3))
+    conn.push(frame(4))
+    assert conn.open
+    conn.push(frame(5))  # a fifth message waiting: over the limit of 4
+    assert not conn.open
+    # The half-written frame is finished, then the close frame: no garbage.
+    assert conn._queue == [frame(1)[5:], protocol.close_frame(4008, "send queue overflow")]
+
+
+def test_rest_of_a_frame_cut_twice_is_kept_on_overflow():
+    """A frame cut short by two partial writes in a row is still finished before 4008."""
+    conn, sock = connection(queue_size=2, room=3)
+    conn.push(frame(0))
+    conn._flush()
+    sock.room = 0
+    conn._flush()  # nothing taken: the head is still the rest of frame 0
+    conn.push(frame(1))
+    conn.push(frame(2))
+    assert not conn.open
+    assert sock.written + conn._queue[0] == frame(0)
