@@ -454,10 +454,11 @@ export class Client extends Emitter {
   }
 
   #onOnline = () => {
-    // The network is back: try now instead of waiting out the backoff.
+    // The network is back: try now instead of waiting out the backoff. An
+    // attempt under way started offline: if it fails, retry at once too.
+    this.#attempt = 0;
     if (this.#retryTimer === null) return;
     clearTimeout(this.#retryTimer);
-    this.#attempt = 0;
     this.#connect();
   };
 
