@@ -160,7 +160,13 @@ class Connection:
         self.push(protocol.ws_frame(protocol.encode(event, data, channel, ref)))
 
     def close(self, code: int = protocol.CLOSE_NORMAL, reason: str = "") -> None:
-        """Close the connection: queued messages are written, then the close frame."""
+        """Close the connection: queued messages are written, then the close frame.
+
+        :param code: 1000 (normal) or another code a peer may send: 1001 to
+            1014 (not 1004-1006), or 3000 to 4999 for the application's own.
+        """
+        if not (1000 <= code <= 1014 and code not in (1004, 1005, 1006) or 3000 <= code <= 4999):
+            raise ValueError(f"{code} is not a close code that may be sent (RFC 6455, section 7.4)")
         if self._closing:
             return
         self._closing = True

@@ -209,7 +209,7 @@ class RobeSockets:
             conn.serve(request.environ)
         finally:
             server.slots -= 1
-        return _ended_response(request.environ)
+        return _SocketEnded()
 
 
 def _check_handshake(server: SocketServer) -> Any:
@@ -263,22 +263,19 @@ def _origin_allowed(origin: str, allowed: list[str] | None) -> bool:
     return "*" in allowed or origin.rstrip("/").lower() in {o.rstrip("/").lower() for o in allowed}
 
 
-def _ended_response(environ: dict) -> Response:
+class _SocketEnded(Response):
     """What the view returns once the socket is finished.
 
     Under gunicorn, raising ``StopIteration`` from the response keeps it from
     writing an HTTP response onto the closed socket (as flask-sock does).
     """
 
-    class WebSocketEnded(Response):
-        def __call__(self, *args: Any, **kwargs: Any) -> Any:
-            if "gunicorn.socket" in environ:
-                raise StopIteration()
-            if "werkzeug.socket" in environ:
-                return super().__call__(*args, **kwargs)
-            return []
-
-    return WebSocketEnded()
+    def __call__(self, environ: dict, start_response: Any) -> Any:
+        if "gunicorn.socket" in environ:
+            raise StopIteration()
+        if "werkzeug.socket" in environ:
+            return super().__call__(environ, start_response)
+        return []
 
 
 def _client_view(filename: str) -> Response:

@@ -1,6 +1,8 @@
 """A connection's send queue, with a fake socket that takes what it is told."""
 from types import SimpleNamespace
 
+import pytest
+
 from flask_robe_sockets import protocol
 from flask_robe_sockets.connection import Connection
 
@@ -61,3 +63,16 @@ def test_rest_of_a_frame_cut_twice_is_kept_on_overflow():
     conn.push(frame(2))
     assert not conn.open
     assert sock.written + conn._queue[0] == frame(0)
+
+
+def test_close_refuses_codes_that_may_not_be_sent():
+    """close() with a reserved or out-of-range code raises ValueError and leaves the connection open."""
+    import pytest
+
+    conn, _ = connection(queue_size=4, room=100)
+    for code in (999, 1005, 1006, 1015, 2000, 5000):
+        with pytest.raises(ValueError, match="close code"):
+            conn.close(code)
+    assert conn.open
+    conn.close(4001, "bye")
+    assert not conn.open and conn._queue == [protocol.close_frame(4001, "bye")]
