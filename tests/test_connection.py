@@ -67,8 +67,6 @@ def test_rest_of_a_frame_cut_twice_is_kept_on_overflow():
 
 def test_close_refuses_codes_that_may_not_be_sent():
     """close() with a reserved or out-of-range code raises ValueError and leaves the connection open."""
-    import pytest
-
     conn, _ = connection(queue_size=4, room=100)
     for code in (999, 1005, 1006, 1015, 2000, 5000):
         with pytest.raises(ValueError, match="close code"):
