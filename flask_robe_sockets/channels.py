@@ -79,7 +79,7 @@ class Hub:
                     log.exception("could not queue a broadcast on %r for %s", channel, conn)
         joining = self._joining.get(channel)
         if joining:
-            for buffer in joining.values():
+            for buffer in tuple(joining.values()):
                 buffer.append((seq, frame))
 
 

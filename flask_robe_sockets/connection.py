@@ -350,8 +350,11 @@ class Connection:
                     queue.append(protocol.PING_FRAME)
             self._wakeup.clear()
             while queue:
-                batch = b"".join(queue) if len(queue) > 1 else queue[0]
-                queue.clear()
+                # Only what was taken is removed: under a threaded server
+                # another thread may append meanwhile.
+                taken = len(queue)
+                batch = b"".join(queue[:taken]) if taken > 1 else queue[0]
+                del queue[:taken]
                 self._partial_head = False
                 self._writing = True
                 with gevent.Timeout(write_timeout):
