@@ -131,7 +131,14 @@ class RobeSockets:
 
     def authorize(self, hook: F) -> F:
         """Set ``hook(connection, channel) -> bool``, asked before every subscribe
-        and every application event; ``False`` answers ``@error forbidden``."""
+        and every application event; ``False`` (or raising ``Forbidden``)
+        answers ``@error forbidden``. There is one: a second would silently
+        undo the first one's checks, so it is refused."""
+        if self._authorize_hook is not None:
+            raise ConfigurationError(
+                f"an authorize hook is already set ({self._authorize_hook.__name__}):"
+                " combine the checks in one function"
+            )
         self._authorize_hook = hook
         return hook
 
@@ -141,6 +148,10 @@ class RobeSockets:
         Returning ``None`` refuses the ticket with 401. Without a loader,
         every caller gets a ticket with identity ``None``.
         """
+        if self._identity_loader is not None:
+            raise ConfigurationError(
+                f"an identity loader is already set ({self._identity_loader.__name__})"
+            )
         self._identity_loader = loader
         return loader
 

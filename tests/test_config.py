@@ -60,3 +60,14 @@ def test_ticket_endpoint_without_secret_key(make_server):
     srv = make_server({"ROBE_SOCKETS_TICKETS_REQUIRED": False}, env={"TEST_NO_SECRET_KEY": "1"})
     response = requests.post(srv.url + "/ops/ticket", timeout=5)
     assert (response.status_code, response.json()) == (404, {"error": "tickets_disabled"})
+
+
+def test_a_second_authorize_hook_or_identity_loader_is_refused():
+    """Registering a second authorize hook or identity loader raises instead of replacing the first."""
+    sockets = RobeSockets()
+    sockets.authorize(lambda connection, channel: True)
+    with pytest.raises(ConfigurationError, match="authorize hook is already set"):
+        sockets.authorize(lambda connection, channel: False)
+    sockets.identity_loader(lambda: "me")
+    with pytest.raises(ConfigurationError, match="identity loader is already set"):
+        sockets.identity_loader(lambda: None)
