@@ -130,7 +130,9 @@ export class Channel extends Emitter {
 
   _onRefused(error) {
     this._subscribing = false;
-    this._wanted = false;
+    // Refused for good, until subscribe() asks again; but a subscribe that
+    // was only rate limited is tried again on the next connect.
+    this._wanted = error.code === "rate_limited";
     this._emit("error", error);
   }
 
@@ -553,10 +555,9 @@ export class Client extends Emitter {
     const error = new RobeSocketsError(data?.code ?? "error", data?.message ?? "", channel);
     if (this.#settle(ref, (request) => request.reject(error))) return;
     const refused = this.#subscribing.get(ref);
-    if (refused) {
-      this.#subscribing.delete(ref);
-      refused._onRefused(error);
-    }
+    this.#subscribing.delete(ref);
+    // Unsubscribed meanwhile: no one holds that channel object any more.
+    if (refused && this.#channels.get(refused.name) === refused) refused._onRefused(error);
     this._emit("error", error);
   }
 }

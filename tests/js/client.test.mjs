@@ -310,3 +310,30 @@ test("a connect that hangs, at the ticket or before @connected, is given up and 
   assert.notEqual(first.closedWith, null);
   assert.match(failures[0], /close code 1006: no @connected within 10 ms/);
 });
+
+test("a rate-limited subscribe is tried again on the next connect", async () => {
+  const client = makeClient();
+  client.on("error", () => {});
+  const chat = client.subscribe("chat");
+  const ws = await socketNumber(1);
+  ws.accept();
+  ws.receive({ channel: "chat", event: "@error", ref: ws.sent[0].ref, data: { code: "rate_limited", message: "slow down" } });
+  assert.equal(chat.subscribed, false);
+  ws.drop();
+  const next = await socketNumber(2);
+  next.accept();
+  assert.deepEqual(next.last("@subscribe"), { channel: "chat", event: "@subscribe", ref: next.last("@subscribe")?.ref });
+});
+
+test("a refusal for a channel left meanwhile does not reach its old object", async () => {
+  const client = makeClient();
+  client.on("error", () => {});
+  const old = client.subscribe("user:alice");
+  const refusals = [];
+  old.on("error", (error) => refusals.push(error.code));
+  const ws = await socketNumber(1);
+  ws.accept();
+  client.unsubscribe("user:alice");
+  ws.receive({ channel: "user:alice", event: "@error", ref: ws.sent[0].ref, data: { code: "forbidden", message: "no" } });
+  assert.deepEqual(refusals, []);
+});
