@@ -413,6 +413,7 @@ export class Client extends Emitter {
   }
 
   #reconnectLater() {
+    if (this.#closed) return;  // an "error" handler may have closed the client
     const delay = backoffDelay(this.#attempt++, this.#options.reconnectDelay, this.#options.maxReconnectDelay);
     this.#retryTimer = setTimeout(() => this.#connect(), delay);
   }
@@ -452,7 +453,7 @@ export class Client extends Emitter {
       this._emit("error", new RobeSocketsError("connect_failed",
         `cannot open ${this.#url} (close code ${code}${reason ? `: ${reason}` : ""})`));
     }
-    if (!this.#closed) this.#reconnectLater();
+    this.#reconnectLater();
   }
 
   #onOnline = () => {

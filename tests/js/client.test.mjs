@@ -337,3 +337,21 @@ test("a refusal for a channel left meanwhile does not reach its old object", asy
   ws.receive({ channel: "user:alice", event: "@error", ref: ws.sent[0].ref, data: { code: "forbidden", message: "no" } });
   assert.deepEqual(refusals, []);
 });
+
+test("closing from an error handler leaves no retry timer behind", async () => {
+  const timers = () => process.getActiveResourcesInfo().filter((kind) => kind === "Timeout").length;
+  const before = timers();
+  let closed = false;
+  const client = makeClient({
+    reconnectDelay: 60000,
+    maxReconnectDelay: 60000,
+    fetch: async () => ({ ok: false, status: 401, json: async () => ({ error: "unauthorized" }) }),
+  });
+  client.on("error", () => {
+    client.close();
+    closed = true;
+  });
+  await until(() => closed, "the error handler");
+  await new Promise((resolve) => setImmediate(resolve));
+  assert.equal(timers(), before, "no timer may keep the page (or node) busy after close()");
+});
