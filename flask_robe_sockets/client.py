@@ -226,20 +226,20 @@ class Channel:
             # the replay that follows moves seq on by itself.
             self.seq = subscribed.seq
         self.epoch = subscribed.epoch
-        self.client._emit(self._handlers["subscribed"], subscribed)
+        self.client._emit(self._handlers["subscribed"], subscribed, channel=self)
 
     def _on_refused(self, error: ReplyError) -> None:
         # Refused for good, until subscribe() asks again; but a subscribe
         # that was only rate limited is tried again on the next connect.
         self._wanted = error.code == "rate_limited"
-        self.client._emit(self._handlers["error"], error)
+        self.client._emit(self._handlers["error"], error, channel=self)
 
     def _deliver(self, message: Message) -> None:
         if message.seq is not None:
             self.seq = message.seq
-        self.client._emit(self._handlers["message"], message)
+        self.client._emit(self._handlers["message"], message, channel=self)
         if message.event != "message":
-            self.client._emit(self._handlers[message.event], message)
+            self.client._emit(self._handlers[message.event], message, channel=self)
 
 
 class _Request:
@@ -711,8 +711,12 @@ class Client:
 
     # -- the handler thread ----------------------------------------------
 
-    def _emit(self, handlers: list[Callable[..., Any]], *args: Any) -> None:
-        self._calls.put((handlers, args))
+    def _emit(
+        self, handlers: list[Callable[..., Any]], *args: Any, channel: Channel | None = None
+    ) -> None:
+        """Queue a call of ``handlers``; a ``channel``'s handlers are skipped
+        if it was left before their turn, as unsubscribe() promises."""
+        self._calls.put((handlers, args, channel))
 
     def _emit_error(self, exc: ClientError) -> None:
         log.warning("%s", exc)
@@ -723,7 +727,9 @@ class Client:
             call = self._calls.get()
             if call is None:
                 return
-            handlers, args = call
+            handlers, args, channel = call
+            if channel is not None and self._channels.get(channel.name) is not channel:
+                continue
             for handler in tuple(handlers):
                 try:
                     handler(*args)

@@ -777,6 +777,28 @@ def test_unsubscribe_stops_delivery(server, make_client):
     assert client.subscribe(name) is not old
 
 
+def test_unsubscribe_drops_messages_already_read(server, make_client):
+    """A message read before unsubscribe() but not yet handled never reaches the left channel's handlers."""
+    record = Recorder()
+    client = make_client()
+    name, busy = unique(), unique("busy")
+    subscribed(client, name, record)
+    release = threading.Event()
+    holding = client.subscribe(busy)
+    holding.on("ev", lambda message: release.wait(10))  # holds the handler thread
+    holding.on("ev", record("busy"))
+    holding.on("subscribed", record("busy subscribed"))
+    record.wait("busy subscribed")
+    publish(server, busy, "ev", "hold")
+    seq = publish(server, name, "ev", "late")
+    wait_until(lambda: client.subscribe(name).seq == seq, 10, message="the reader to read it")
+    client.unsubscribe(name)
+    release.set()
+    publish(server, busy, "ev", "after")
+    record.wait("busy", 2)  # handlers run in order: "late" has had its turn
+    assert record.args("ev") == []
+
+
 # -- gevent -------------------------------------------------------------
 
 GEVENT_SCRIPT = """
