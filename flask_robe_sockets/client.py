@@ -275,7 +275,7 @@ class Client:
         delay is drawn uniformly below it (full jitter).
     :param max_reconnect_delay: the largest backoff ceiling, in seconds.
     :param ping_interval: seconds of silence from the server after which the
-        client sends ``@ping``; ``None`` disables it. Keep it near the
+        client sends ``@ping``; ``None`` or 0 disables it. Keep it near the
         server's ``ROBE_SOCKETS_PING_INTERVAL`` (25 seconds).
     :param pong_timeout: seconds to wait for anything after a ``@ping``
         before the connection counts as lost.
@@ -593,7 +593,8 @@ class Client:
             if not self._connected:
                 timeout = self.connect_timeout  # @connected is the first frame
             else:
-                timeout = self.pong_timeout if awaiting_pong else self.ping_interval
+                # 0 disables ping as None does (and as in the browser client).
+                timeout = self.pong_timeout if awaiting_pong else self.ping_interval or None
             try:
                 texts = sock.receive(timeout)
             except socket.timeout:

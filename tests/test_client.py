@@ -444,6 +444,17 @@ def test_ping_detects_a_dead_connection(proxy, make_client):
     assert client.connected
 
 
+def test_ping_interval_zero_disables_ping(proxy, make_client):
+    """ping_interval=0 disables @ping, as pingInterval: 0 does in the browser client, instead of pinging nonstop."""
+    record = Recorder()
+    client = make_client(proxy.ws_url, record=record, ping_interval=0)
+    record.wait("connect")
+    before = proxy.from_clients
+    time.sleep(0.5)  # what is checked is that nothing is sent meanwhile
+    assert proxy.from_clients == before
+    assert record.args("disconnect") == [] and client.connected
+
+
 def test_sends_while_disconnected_go_out_after_reconnect(proxy, make_client):
     """Sends made while disconnected go out after the reconnect; one in flight at the drop fails with ConnectionLost."""
     record = Recorder()
