@@ -214,8 +214,11 @@ class SocketServer:
         except PublishError as exc:
             conn._channels.discard(channel)
             self.hub.leave(conn, channel)
-            log.warning("cannot subscribe %s to %r: %s", conn, channel, exc)
-            self.answer_error(conn, "handler_error", "the server cannot reach its backend", ref, channel)
+            # No error code of PROTOCOL.md says "try again later", and an
+            # @error would read as a final refusal. Closing with 1011 makes
+            # the client reconnect with backoff and subscribe again.
+            log.warning("cannot subscribe %s to %r: %s: closing with 1011", conn, channel, exc)
+            conn.close(protocol.CLOSE_INTERNAL, "backend unavailable")
             return
         conn._answer(
             protocol.SUBSCRIBED,

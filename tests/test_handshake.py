@@ -19,7 +19,7 @@ import pytest
 import requests
 from itsdangerous import URLSafeTimedSerializer
 from itsdangerous.encoding import base64_decode, bytes_to_int
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from flask_robe_sockets.tickets import SALT
@@ -429,3 +429,15 @@ def test_backend_unreachable_is_a_json_503(make_server):
     dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     srv = make_server({"ROBE_SOCKETS_REDIS_URL": dead})
     assert_refused(attempt(srv, srv.ticket()), 503, "backend_unavailable")
+
+
+def test_subscribe_with_the_backend_down_closes_1011(make_server):
+    """A join that cannot reach Redis closes with 1011, so the client reconnects and asks again."""
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    srv = make_server({"ROBE_SOCKETS_REDIS_URL": dead, "ROBE_SOCKETS_TICKETS_REQUIRED": False})
+    with connect(srv.ws_url, open_timeout=5) as ws:
+        assert json.loads(ws.recv(timeout=5))["event"] == "@connected"
+        ws.send(json.dumps({"channel": "chat", "event": "@subscribe", "ref": 1}))
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=15)
+    assert closed.value.rcvd.code == 1011
