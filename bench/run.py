@@ -362,22 +362,31 @@ def fmt(value: float) -> str:
     return f"{value:.2f}"
 
 
+def _header(servers: list[str]) -> list[str]:
+    return ["workload", "metric", "read", *(LABELS[s] for s in servers), "x SocketIO", "x naive"]
+
+
+def _cells(row: dict, servers: list[str], cell_text) -> list[str]:
+    """One row's cells: its names, each server's figure as ``cell_text`` puts it, the ratios."""
+    cells = [row["workload"], row["metric"], row["mode"]]
+    for name in servers:
+        cell = row.get(name)
+        cells.append(cell_text(cell) if cell else "-")
+    for peer in ("socketio", "naive"):
+        ratio = row.get(f"x_{peer}")
+        cells.append(f"{ratio:.2f}x" if ratio else "-")
+    return cells
+
+
 def table(rows_: list[dict], servers: list[str]) -> str:
-    head = ["workload", "metric", "read", *(LABELS[s] for s in servers), "x SocketIO", "x naive"]
-    lines = [head]
-    for row in rows_:
-        cells = [row["workload"], row["metric"], row["mode"]]
-        for name in servers:
-            cell = row.get(name)
-            cells.append(
-                f"{fmt(cell['median'])} ({fmt(cell['min'])}-{fmt(cell['max'])}) gen {cell['gen_cpu']:.0%} srv {cell['server_cpu']:.0%}"
-                if cell else "-"
-            )
-        for peer in ("socketio", "naive"):
-            ratio = row.get(f"x_{peer}")
-            cells.append(f"{ratio:.2f}x" if ratio else "-")
-        lines.append(cells)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    def cell_text(cell: dict) -> str:
+        return (
+            f"{fmt(cell['median'])} ({fmt(cell['min'])}-{fmt(cell['max'])})"
+            f" gen {cell['gen_cpu']:.0%} srv {cell['server_cpu']:.0%}"
+        )
+
+    lines = [_header(servers), *(_cells(row, servers, cell_text) for row in rows_)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     text = [" | ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
     text.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(text)
@@ -393,20 +402,13 @@ def short(value: float) -> str:
 
 def markdown(rows_: list[dict], servers: list[str]) -> str:
     """The table for the README: median (range), generator CPU in brackets."""
-    head = ["workload", "metric", "read", *(LABELS[s] for s in servers), "x SocketIO", "x naive"]
+
+    def cell_text(cell: dict) -> str:
+        return f"{short(cell['median'])} ({short(cell['min'])}–{short(cell['max'])}) [{cell['gen_cpu']:.0%}]"
+
+    head = _header(servers)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in rows_:
-        cells = [row["workload"], row["metric"], row["mode"]]
-        for name in servers:
-            cell = row.get(name)
-            cells.append(
-                f"{short(cell['median'])} ({short(cell['min'])}–{short(cell['max'])}) [{cell['gen_cpu']:.0%}]"
-                if cell else "-"
-            )
-        for peer in ("socketio", "naive"):
-            ratio = row.get(f"x_{peer}")
-            cells.append(f"{ratio:.2f}x" if ratio else "-")
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["| " + " | ".join(_cells(row, servers, cell_text)) + " |" for row in rows_]
     return "\n".join(lines)
 
 
