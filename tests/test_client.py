@@ -40,6 +40,15 @@ from flask_robe_sockets.errors import RobeSocketsError
 from .servers import ROOT, Gunicorn, wait_until
 
 
+def cut(*socks: socket.socket) -> None:
+    """Shut sockets down both ways, as a network failure would; already closed is fine."""
+    for sock in socks:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 class Proxy:
     """A loopback TCP proxy to ``port`` whose connections the test controls.
 
@@ -108,20 +117,12 @@ class Proxy:
                         dst.sendall(data)
         except (OSError, ValueError):  # ValueError: select on a socket closed meanwhile
             pass
-        for sock in (src, dst):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        cut(src, dst)
 
     def drop(self) -> None:
         """Cut every open connection, as a network failure would."""
         for conn, upstream, _ in self._take():
-            for sock in (conn, upstream):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            cut(conn, upstream)
 
     def freeze(self) -> None:
         """Blackhole every open connection: bytes vanish, nothing closes."""
