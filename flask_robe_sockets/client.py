@@ -49,6 +49,7 @@ import random
 import socket
 import ssl
 import threading
+import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
@@ -64,6 +65,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("flask_robe_sockets.client")
 
 _CLIENT_EVENTS = ("connect", "disconnect", "error", "message")
+
+#: Seconds a connection must last for the reconnect backoff to start over.
+STABLE_AFTER = 10.0
 
 
 class ClientError(RobeSocketsError):
@@ -525,7 +529,11 @@ class Client:
                     if not self._stop.is_set():  # else close() cut it short
                         self._emit_error(exc)
                 else:
-                    if self._serve(sock):
+                    started = time.monotonic()
+                    if self._serve(sock) and time.monotonic() - started >= STABLE_AFTER:
+                        # A good connection: the backoff starts over. One
+                        # dropped sooner keeps growing it, so a server that
+                        # closes every connection at once is not hammered.
                         attempt = 0
                 if self._stop.wait(self._backoff(attempt)):
                     break

@@ -868,3 +868,18 @@ def test_client_under_gevent(server):
         "one_os_thread": True,
         "ticked": True,
     }
+
+
+def test_backoff_keeps_growing_when_connections_drop_at_once(proxy, make_client):
+    """Connections dropped right after @connected do not reset the backoff: a flapping server is not hammered."""
+    record = Recorder()
+    client = make_client(proxy.ws_url, record=record)
+    attempts = []
+    backoff = client._backoff
+    client._backoff = lambda attempt: attempts.append(attempt) or backoff(attempt)
+    for drops in range(1, 4):
+        record.wait("connect", drops)
+        proxy.drop()
+        record.wait("disconnect", drops)
+    record.wait("connect", 4)
+    assert attempts[:3] == [0, 1, 2]

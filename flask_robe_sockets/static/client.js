@@ -52,6 +52,11 @@ export function backoffDelay(attempt, initial = DEFAULTS.reconnectDelay,
   return random() * Math.min(max, initial * 2 ** attempt);
 }
 
+/** A connection that lasted this long (ms) was a good one: the backoff
+ * starts over. One dropped sooner keeps growing it, so a server that closes
+ * every connection right after `@connected` is not hammered. */
+const STABLE_AFTER = 10000;
+
 // A handler that throws must not stop the others, nor the client itself.
 const report = globalThis.reportError ?? ((error) => console.error(error));
 
@@ -178,6 +183,7 @@ export class Client extends Emitter {
   #connected = false;
   #closed = false;
   #attempt = 0;
+  #connectedAt = 0;
   #retryTimer = null;
   #connectTimer = null;
   #channels = new Map();
@@ -447,6 +453,7 @@ export class Client extends Emitter {
       request.reject(new RobeSocketsError(failure,
         failure === "closed" ? "the client was closed" : "the connection was lost before the answer"));
     }
+    if (wasConnected && Date.now() - this.#connectedAt >= STABLE_AFTER) this.#attempt = 0;
     if (wasConnected) {
       this._emit("disconnect", { code, reason });
     } else if (!this.#closed) {
@@ -543,7 +550,7 @@ export class Client extends Emitter {
     clearTimeout(this.#connectTimer);
     this.#connectTimer = null;
     this.#connected = true;
-    this.#attempt = 0;
+    this.#connectedAt = Date.now();
     this.id = data?.id ?? null;
     for (const channel of this.#channels.values()) {
       if (channel._wanted) this.#sendSubscribe(channel);

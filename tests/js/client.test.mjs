@@ -355,3 +355,24 @@ test("closing from an error handler leaves no retry timer behind", async () => {
   await new Promise((resolve) => setImmediate(resolve));
   assert.equal(timers(), before, "no timer may keep the page (or node) busy after close()");
 });
+
+test("connections dropped right after @connected keep the backoff growing", async () => {
+  const random = Math.random;
+  Math.random = () => 1;  // no jitter: each delay is its ceiling
+  try {
+    makeClient({ reconnectDelay: 100, maxReconnectDelay: 10000 });
+    const waited = [];
+    for (let n = 1; n <= 3; n++) {
+      const ws = await socketNumber(n);
+      ws.accept(`c${n}`);
+      const dropped = Date.now();
+      ws.drop(1011, "internal error");
+      await socketNumber(n + 1);
+      waited.push(Date.now() - dropped);
+    }
+    // 100, 200, 400 ms (give or take the timers), not 100 ms each time.
+    assert.ok(waited[1] >= 190 && waited[2] >= 390, `waited ${waited}`);
+  } finally {
+    Math.random = random;
+  }
+});
