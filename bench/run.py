@@ -499,7 +499,7 @@ def main() -> int:
     print(table(info["rows"], servers))
     print()
     print(markdown(info["rows"], servers))
-    print(f"\nratios: > 1 means flask-robe-sockets leads (throughput ours/theirs, latency and memory theirs/ours)")
+    print("\nratios: > 1 means flask-robe-sockets leads (throughput ours/theirs, latency and memory theirs/ours)")
     print(f"load after: {info['load_after']['loadavg'][0]:.2f}; took {info['seconds']:.0f} s; results in {out}")
     for failure in failures:
         print("FAILED:", failure)
