@@ -72,11 +72,14 @@ class RobeSockets:
         path = settings["ROBE_SOCKETS_PATH"].rstrip("/")
         if not path.startswith("/"):
             raise ConfigurationError(f"ROBE_SOCKETS_PATH must start with '/', got {path!r}")
-        rate = settings["ROBE_SOCKETS_RATE_LIMIT"]
-        if not (isinstance(rate, (tuple, list)) and len(rate) == 2 and rate[0] > 0 and rate[1] >= 1):
-            raise ConfigurationError(
-                f"ROBE_SOCKETS_RATE_LIMIT must be (frames per second, burst), got {rate!r}"
-            )
+        for key, unit in (
+            ("ROBE_SOCKETS_RATE_LIMIT", "frames"),
+            ("ROBE_SOCKETS_BYTE_RATE_LIMIT", "bytes"),
+            ("ROBE_SOCKETS_TICKET_RATE_LIMIT", "tickets"),
+        ):
+            rate = settings[key]
+            if not (isinstance(rate, (tuple, list)) and len(rate) == 2 and rate[0] > 0 and rate[1] >= 1):
+                raise ConfigurationError(f"{key} must be ({unit} per second, burst), got {rate!r}")
         ping = settings["ROBE_SOCKETS_PING_INTERVAL"]
         if ping is not None and not ping > 0:
             raise ConfigurationError(
