@@ -1,13 +1,14 @@
-"""A token bucket for frames read from one connection."""
+"""A token bucket: what a client may send, or ask for, per second."""
 from __future__ import annotations
 
 import time
 
 
 class RateLimiter:
-    """Allow ``rate`` frames a second on average, and bursts of ``burst``.
+    """Allow ``rate`` units a second on average, and bursts of ``burst``.
 
-    ``strikes`` counts the frames refused in one spell of refusals (no gap
+    A unit is whatever the caller charges: a frame, a byte, a ticket.
+    ``strikes`` counts the charges refused in one spell of refusals (no gap
     of a second between them): a client that slows down when refused ends
     its spell, one that stays over the rate piles strikes up until
     ``exhausted``.
@@ -15,26 +16,31 @@ class RateLimiter:
 
     __slots__ = ("rate", "burst", "tokens", "stamp", "strikes", "refused_at")
 
-    def __init__(self, rate: float, burst: int) -> None:
+    def __init__(self, rate: float, burst: float) -> None:
         self.rate = float(rate)
-        self.burst = burst
+        self.burst = float(burst)
         self.tokens = float(burst)
         self.stamp = time.monotonic()
         self.strikes = 0
         self.refused_at = 0.0
 
-    def allow(self) -> bool:
+    def allow(self, cost: float = 1) -> bool:
+        """Take ``cost`` units if they are there; count a strike if not."""
         now = time.monotonic()
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
+        if self.tokens >= cost:
+            self.tokens -= cost
             return True
         if now - self.refused_at > 1.0:
             self.strikes = 0
         self.refused_at = now
         self.strikes += 1
         return False
+
+    def retry_after(self, cost: float = 1) -> float:
+        """Seconds until ``cost`` units are there (0 when they are now)."""
+        return max(0.0, (cost - self.tokens) / self.rate)
 
     @property
     def exhausted(self) -> bool:
