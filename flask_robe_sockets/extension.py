@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Any, Callable, TypeVar
 from urllib.parse import urlsplit
@@ -30,6 +31,10 @@ class _Refused(Exception):
         super().__init__(error)
         self.status = status
         self.error = error
+
+
+#: The HTTP status of each refusal by a full connection limit.
+_LIMIT_STATUS = {"identity_limit": 429, "ip_limit": 429, "too_many_connections": 503}
 
 
 def _json_error(status: int, error: str) -> Response:
@@ -206,6 +211,11 @@ class RobeSockets:
         identity = self._identity_loader() if self._identity_loader else None
         if identity is None and self._identity_loader is not None:
             return _json_error(401, "unauthorized")
+        wait = server.ticket_limit.check(identity, request.remote_addr)
+        if wait:
+            response = _json_error(429, "rate_limited")
+            response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+            return response
         ticket = server.tickets.issue(identity, request.remote_addr)
         response = jsonify(ticket=ticket, expires_in=server.tickets.max_age)
         response.headers["Cache-Control"] = "no-store"
@@ -216,18 +226,25 @@ class RobeSockets:
         try:
             identity = _check_handshake(server)
         except _Refused as refused:
-            log.info("handshake from %s refused: %s", request.remote_addr, refused.error)
-            return _json_error(refused.status, refused.error)
-        conn = Connection(server, identity, request.remote_addr)
-        try:
+            return _refuse(refused.status, refused.error)
+        # The last checks of the table: the connection limits, whose slot is
+        # held until the socket ends, however it ends.
+        with server.slot(identity, request.remote_addr) as full:
+            if full is not None:
+                return _refuse(_LIMIT_STATUS[full], full)
+            conn = Connection(server, identity, request.remote_addr)
             conn.serve(request.environ)
-        finally:
-            server.slots -= 1
         return _SocketEnded()
 
 
+def _refuse(status: int, error: str) -> Response:
+    log.info("handshake from %s refused: %s", request.remote_addr, error)
+    return _json_error(status, error)
+
+
 def _check_handshake(server: SocketServer) -> Any:
-    """Run the checks of PROTOCOL.md section 2, in its order; reserve a slot.
+    """Run the checks of PROTOCOL.md section 2, in its order, up to the
+    ticket's; the connection limits that follow are ``server.slot()``'s.
 
     Everything here happens before the upgrade, so a refusal is a plain
     HTTP answer. Returns the ticket's identity.
@@ -265,15 +282,23 @@ def _check_handshake(server: SocketServer) -> Any:
             # reading is a retryable 503 with a JSON body like the others.
             log.warning("cannot check a ticket: the backend is unreachable")
             raise _Refused(503, "backend_unavailable") from None
-    if server.slots >= config["ROBE_SOCKETS_MAX_CONNECTIONS"]:
-        raise _Refused(503, "too_many_connections")
-    server.slots += 1
     return identity
+
+
+#: The origin scheme a page must have to open a socket over each request scheme.
+_PAGE_SCHEME = {"http": "http", "ws": "http", "https": "https", "wss": "https"}
 
 
 def _origin_allowed(origin: str, allowed: list[str] | None) -> bool:
     if allowed is None:
-        return urlsplit(origin).netloc.lower() == request.host.lower()
+        # The same host, and a web page's scheme matching the request's (as
+        # ProxyFix reports it): an https page behind the proxy, an http page
+        # without one; never ftp: or an opaque "null".
+        parts = urlsplit(origin)
+        return (
+            parts.scheme.lower() == _PAGE_SCHEME.get(request.scheme.lower())
+            and parts.netloc.lower() == request.host.lower()
+        )
     return "*" in allowed or origin.rstrip("/").lower() in {o.rstrip("/").lower() for o in allowed}
 
 

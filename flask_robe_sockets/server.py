@@ -6,10 +6,12 @@ hooks); this object holds what one app runs with.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
-from typing import TYPE_CHECKING, Any
+from collections import Counter
+from typing import TYPE_CHECKING, Any, Iterator
 
 import gevent
 from flask import Flask
@@ -19,7 +21,7 @@ from .backends import Backend, create_backend
 from .channels import Channel, Hub
 from .errors import Forbidden, ProtocolError, PublishError
 from .message import Message
-from .tickets import TicketSigner
+from .tickets import TicketRateLimit, TicketSigner, identity_key
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -48,9 +50,14 @@ class SocketServer:
             bind_ip=config["ROBE_SOCKETS_TICKET_BIND_IP"],
             claim_nonce=self.backend.claim_nonce,
         ) if app.secret_key else None
-        #: Open connections of this worker, and handshakes under way.
+        self.ticket_limit = TicketRateLimit(*config["ROBE_SOCKETS_TICKET_RATE_LIMIT"])
+        #: Open connections of this worker.
         self.connections: set[Connection] = set()
+        #: Open connections and handshakes under way, in all and per identity
+        #: and client IP: taken and given back together, by slot() alone.
         self.slots = 0
+        self._slots_of_identity: Counter[str] = Counter()
+        self._slots_of_ip: Counter[str | None] = Counter()
         self.shutting_down = False
         self._shutdown_hooked_pid: int | None = None
 
@@ -60,6 +67,51 @@ class SocketServer:
         # Data that is not JSON raises TypeError or ValueError from the
         # backend's one encoding of the frame, before anything is sent.
         return Channel(name, self.backend.publish)
+
+    # -- connection slots ------------------------------------------------
+
+    @contextlib.contextmanager
+    def slot(self, identity: Any, remote_addr: str | None) -> Iterator[str | None]:
+        """Hold a connection slot for the handshake and the socket's life.
+
+        Yields ``None`` when the slot is taken, counted for ``identity``
+        (anonymous ones, ``None``, are not) and for ``remote_addr``; it is
+        given back when the block ends, however it ends. Else yields the
+        protocol's error for the first limit that is full, in PROTOCOL.md
+        section 2's order, and takes nothing.
+        """
+        config = self.config
+        who = None if identity is None else identity_key(identity)
+        per_identity = config["ROBE_SOCKETS_MAX_CONNECTIONS_PER_IDENTITY"]
+        per_ip = config["ROBE_SOCKETS_MAX_CONNECTIONS_PER_IP"]
+        if who is not None and per_identity is not None and self._slots_of_identity[who] >= per_identity:
+            yield "identity_limit"
+            return
+        if per_ip is not None and self._slots_of_ip[remote_addr] >= per_ip:
+            yield "ip_limit"
+            return
+        if self.slots >= config["ROBE_SOCKETS_MAX_CONNECTIONS"]:
+            yield "too_many_connections"
+            return
+        self.slots += 1
+        if who is not None:
+            self._slots_of_identity[who] += 1
+        self._slots_of_ip[remote_addr] += 1
+        try:
+            yield None
+        finally:
+            self.slots -= 1
+            if who is not None:
+                _give_back(self._slots_of_identity, who)
+            _give_back(self._slots_of_ip, remote_addr)
+
+    def slot_counts(self) -> dict[str, Any]:
+        """How many slots are held: in all, per identity and per client IP."""
+        return {
+            "slots": self.slots,
+            "identities": dict(self._slots_of_identity),
+            "ips": dict(self._slots_of_ip),
+        }
 
     # -- connection lifecycle --------------------------------------------
 
@@ -267,6 +319,13 @@ class SocketServer:
             return
         if reply is not None:
             conn.push(protocol.ws_frame(reply))
+
+
+def _give_back(counts: Counter, key: Any) -> None:
+    # Keys at zero are removed, so the counts hold only who is connected.
+    counts[key] -= 1
+    if counts[key] <= 0:
+        del counts[key]
 
 
 def _since(data: Any) -> tuple[int | None, str | None]:

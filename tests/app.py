@@ -3,6 +3,11 @@
 ``create_app()`` reads extra Flask config from the ``ROBE_TEST_CONFIG``
 environment variable (JSON), so each test server can be set up differently
 without another module.
+
+Every caller that did not log in is "anonymous" from 127.0.0.1 here, so the
+per-identity connection cap and the ticket rate limit would throttle the
+whole suite as one user: they are off unless a test's config sets them, or
+sets ``TEST_LIBRARY_LIMITS`` to run with the library's own defaults.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import time
 import gevent
 import greenlet
 from flask import Flask, current_app, jsonify, request, session
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from flask_robe_sockets import Connection, Forbidden, PublishError, RobeSockets
 
@@ -36,9 +42,15 @@ def create_app() -> Flask:
     app = Flask(__name__)
     app.secret_key = None if os.environ.get("TEST_NO_SECRET_KEY") else "test secret"
     app.config.update(json.loads(os.environ.get("ROBE_TEST_CONFIG", "{}")))
+    if not app.config.get("TEST_LIBRARY_LIMITS"):
+        app.config.setdefault("ROBE_SOCKETS_MAX_CONNECTIONS_PER_IDENTITY", None)
+        app.config.setdefault("ROBE_SOCKETS_TICKET_RATE_LIMIT", (1_000_000, 1_000_000))
     if isinstance(app.config.get("ROBE_SOCKETS_RATE_LIMIT"), list):
         app.config["ROBE_SOCKETS_RATE_LIMIT"] = tuple(app.config["ROBE_SOCKETS_RATE_LIMIT"])
     sockets.init_app(app)
+    if app.config.get("TEST_PROXY_FIX"):
+        # As behind a proxy that terminates TLS and says so in X-Forwarded-Proto.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_proto=1)
 
     @app.post("/login")
     def login():
@@ -77,6 +89,7 @@ def create_app() -> Flask:
         result = dict(
             connections=len(server.connections),
             slots=server.slots,
+            slot_counts=server.slot_counts(),
             channels=sorted(server.hub.members),
             members={name: len(conns) for name, conns in server.hub.members.items()},
             joining=sorted(server.hub._joining),

@@ -232,6 +232,43 @@ def test_origin_not_allowed(server, origin):
     assert_served(server)
 
 
+@pytest.mark.parametrize("scheme", ["ftp", "https", "ws", "file", "chrome-extension"])
+def test_same_host_origin_needs_the_request_scheme(server, scheme):
+    """By default the same host is not enough: ``ftp://host`` or ``https://host`` on an
+    http request is 403 ``origin_not_allowed``, and the ticket is not used up."""
+    ticket = server.ticket()
+    origin = f"{scheme}://127.0.0.1:{server.port}"
+    assert_refused(attempt(server, ticket, upgrade_headers(Origin=origin)), 403, "origin_not_allowed")
+    with opened(server, ticket, origin=f"HTTP://127.0.0.1:{server.port}"):
+        pass
+    assert_served(server)
+
+
+@pytest.fixture(scope="module")
+def proxied():
+    """Behind a TLS-terminating proxy: ProxyFix reads the scheme from ``X-Forwarded-Proto``."""
+    srv = Gunicorn({"TEST_PROXY_FIX": True})
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.parametrize("forwarded", ["https", "wss"])
+def test_origin_scheme_follows_proxy_fix(proxied, forwarded):
+    """Over https (as ProxyFix reports it; ``wss`` counts as https) an https page of the
+    same host connects and an http one is refused."""
+    host = f"127.0.0.1:{proxied.port}"
+    proto = {"X-Forwarded-Proto": forwarded}
+    with opened(proxied, proxied.ticket(), origin=f"https://{host}", additional_headers=proto) as (ws, _):
+        assert ask(ws, event="@ping", ref=1) == {"event": "@pong", "data": None, "ref": 1}
+    ticket = proxied.ticket()
+    refused = attempt(proxied, ticket, upgrade_headers(Origin=f"http://{host}", **proto))
+    assert_refused(refused, 403, "origin_not_allowed")
+    # Without the header the request is http again, and so must the page be.
+    assert_refused(attempt(proxied, ticket, upgrade_headers(Origin=f"https://{host}")), 403, "origin_not_allowed")
+    with opened(proxied, ticket, origin=f"http://{host}"):
+        pass
+
+
 def test_origin_refusal_keeps_the_ticket(server):
     """A cross-origin handshake with a stolen ticket is refused without using the ticket up."""
     ticket = server.ticket()
