@@ -13,6 +13,7 @@ import gevent
 from gevent import monkey
 
 from . import protocol
+from .frames import valid_close_code
 from .ratelimit import RateLimiter
 from .websocket import ServerSocket
 
@@ -109,6 +110,9 @@ class Connection:
         # connection's whole budget is a few kilobytes.
         self._queue: list[bytes] = []
         self._queue_size = server.config["ROBE_SOCKETS_SEND_QUEUE_SIZE"]
+        self._queue_max_bytes = server.config["ROBE_SOCKETS_SEND_QUEUE_BYTES"]
+        # Bytes in the queue, and in a batch being written from it.
+        self._queued_bytes = 0
         self._on_gevent = _under_gevent()
         # Set by writers of the queue; waited on by the writer loop.
         self._wakeup = threading.Event()
@@ -122,10 +126,15 @@ class Connection:
         # pong may wait unread behind a slow one, so silence is not its fault.
         self._busy = False
         self._closing = False
+        # The close code and who ended the connection, for the log.
+        self._close_code: int | None = None
+        self._closed_by = ""
         self._reader_done = threading.Event()
-        self._active = time.monotonic()
+        self._active = self._opened = time.monotonic()
         rate, burst = server.config["ROBE_SOCKETS_RATE_LIMIT"]
         self._limiter = RateLimiter(rate, burst)
+        rate, burst = server.config["ROBE_SOCKETS_BYTE_RATE_LIMIT"]
+        self._byte_limiter = RateLimiter(rate, burst)
         self._socket: ServerSocket | None = None
 
     def __repr__(self) -> str:
@@ -165,14 +174,28 @@ class Connection:
         :param code: 1000 (normal) or another code a peer may send: 1001 to
             1014 (not 1004-1006), or 3000 to 4999 for the application's own.
         """
-        if not (1000 <= code <= 1014 and code not in (1004, 1005, 1006) or 3000 <= code <= 4999):
+        if not valid_close_code(code):
             raise ValueError(f"{code} is not a close code that may be sent (RFC 6455, section 7.4)")
         if self._closing:
             return
         self._closing = True
+        if self._close_code is None:
+            self._close_code, self._closed_by = code, "server"
         self._server.forget(self)
-        self._queue.append(protocol.close_frame(code, reason))
+        frame = protocol.close_frame(code, reason)
+        self._queue.append(frame)
+        self._queued_bytes += len(frame)
+        if self._socket is not None:
+            self._socket.frames.close()
         self._wakeup.set()
+
+    def fail(self, code: int, reason: str) -> None:
+        """Close because the client broke the protocol or a limit; what it
+        still sends is dropped unread (see ``ServerSocket``)."""
+        log.info("connection %s failed: closing with %d (%s)", self.id, code, reason)
+        self.close(code, reason)
+        if self._socket is not None:
+            self._socket.frames.drain()
 
     # -- the send queue -------------------------------------------------
 
@@ -180,16 +203,21 @@ class Connection:
         """Queue a ready WebSocket frame; never blocks."""
         if self._closing:
             return
-        if len(self._queue) >= self._queue_size:
+        if len(self._queue) >= self._queue_size or self._queued_bytes + len(frame) > self._queue_max_bytes:
             if self._on_gevent:
                 # The flusher may not have had its turn yet (a reader handles
                 # a whole read, e.g. a reconnect's resubscribes with their
                 # replays, without yielding): the socket may take it now.
                 self._flush()
-            if len(self._queue) >= self._queue_size:
+            if len(self._queue) >= self._queue_size or (
+                # A frame larger than the whole budget still goes to a client
+                # that has nothing else waiting.
+                self._queued_bytes and self._queued_bytes + len(frame) > self._queue_max_bytes
+            ):
                 self._overflow()
                 return
         self._queue.append(frame)
+        self._queued_bytes += len(frame)
         if not self._on_gevent:
             self._wakeup.set()
         elif not self._flush_pending:
@@ -218,6 +246,7 @@ class Connection:
                 sent = getattr(sock, "_sock", sock).send(batch, socket.MSG_DONTWAIT)
             except OSError:
                 sent = 0  # would block, or broken: the writer's sendall finds out which
+        self._queued_bytes -= sent
         if sent < len(batch):
             # Put back what is left frame by frame, the one cut short first,
             # so that the queue still counts messages, as its limit does.
@@ -237,66 +266,71 @@ class Connection:
         # out: cut short, it would turn the close frame after it into garbage.
         rest = self._queue[0] if self._partial_head else None
         self._queue.clear()
+        self._queued_bytes = 0
         if rest is not None:
             self._queue.append(rest)
+            self._queued_bytes = len(rest)
         self.close(protocol.CLOSE_SLOW_CONSUMER, "send queue overflow")
 
-    # -- called by ServerSocket, in the reader -------------------------
+    # -- called by ServerSocket and its FrameReader, in the reader -------
 
     def on_activity(self) -> None:
         self._active = time.monotonic()
 
+    def on_frame(self, size: int) -> bool:
+        """Charge one frame of ``size`` bytes, whatever its kind; whether to read it."""
+        limiter = self._limiter
+        if limiter.allow():
+            if self._byte_limiter.allow(size):
+                return True
+            limiter.strike()
+        if self._closing:
+            # A client that floods after our close frame is not waited for.
+            self._socket.frames.drain()
+        elif limiter.exhausted:
+            log.warning("connection %s kept flooding: closing with 1008", self.id)
+            self.fail(protocol.CLOSE_POLICY, "rate limit exceeded")
+        return False
+
+    def on_refused(self, text: str | None) -> None:
+        if not self._closing:
+            self._server.answer_rate_limited(self, text)
+
     def on_text(self, text: str) -> None:
         if self._closing:
             return
-        if self._admit():
-            self._busy = True
-            try:
-                self._server.handle_text(self, text)
-            finally:
-                self._busy = False
-        elif not self._closing:
-            self._server.answer_rate_limited(self, text)
+        self._busy = True
+        try:
+            self._server.handle_text(self, text)
+        finally:
+            self._busy = False
 
     def on_binary(self) -> None:
-        if self._closing:
-            return
-        if self._admit():
+        if not self._closing:
             self._server.answer_error(self, "bad_frame", "binary frames are not supported")
-        elif not self._closing:
-            self._server.answer_rate_limited(self, None)
 
-    def on_control(self, frame: bytes) -> None:
-        # A ping is a frame like any other for the rate limit: a ping flood
-        # is answered and closed as a flood of messages would be.
-        if self._closing:
-            return
-        if self._admit():
-            self.push(frame)
-        elif not self._closing:
-            self._server.answer_rate_limited(self, None)
+    def on_ping(self, payload: bytes) -> None:
+        self.push(protocol.ws_frame(payload, opcode=0xA))
 
     def on_close(self, code: int) -> None:
+        if self._close_code is None:
+            self._close_code, self._closed_by = code, "client"
         # Echo the client's code as RFC 6455 asks; 1005/1006 never go on the wire.
         self.close(code if code not in (1005, 1006) else protocol.CLOSE_NORMAL)
 
     def on_reader_done(self) -> None:
         self._reader_done.set()
+        self._lost("client")
+
+    def _lost(self, by: str) -> None:
+        """The socket is gone without a closing handshake (or after ours)."""
         if not self._closing:
-            # The peer vanished without a close frame.
             self._closing = True
+            self._close_code, self._closed_by = 1006, by
             self._server.forget(self)
             self._queue.clear()
+            self._queued_bytes = 0
         self._wakeup.set()
-
-    def _admit(self) -> bool:
-        limiter = self._limiter
-        if limiter.allow():
-            return True
-        if limiter.exhausted:
-            log.warning("connection %s kept flooding: closing with 1008", self.id)
-            self.close(protocol.CLOSE_POLICY, "rate limit exceeded")
-        return False
 
     # -- the writer, run in the request's own greenlet -------------------
 
@@ -308,11 +342,13 @@ class Connection:
                 environ,
                 self,
                 config["ROBE_SOCKETS_MAX_MESSAGE_SIZE"],
+                config["ROBE_SOCKETS_MAX_FRAGMENTS"],
                 thread_class=_Reader if self._on_gevent else None,
             )
         except OSError as exc:  # the client left during the handshake
             log.info("handshake from %s not completed: %r", self.remote_addr, exc)
             return
+        log.info("connection %s opened: identity=%r ip=%s", self.id, self.identity, self.remote_addr)
         try:
             self._server.connected(self)
             self._write_loop(config["ROBE_SOCKETS_PING_INTERVAL"])
@@ -341,13 +377,16 @@ class Connection:
                     # handler is still running is not silent by its fault.
                     if self._active < pinged_at and not self._busy:
                         log.info("connection %s did not answer a ping: dropping it", self.id)
-                        self.on_reader_done()
+                        # Nothing more to wait for from this client.
+                        self._reader_done.set()
+                        self._lost("server")
                         return
                     pinged_at = None
                 now = time.monotonic()
                 if now - self._active >= ping_interval:
                     pinged_at = now
                     queue.append(protocol.PING_FRAME)
+                    self._queued_bytes += len(protocol.PING_FRAME)
             self._wakeup.clear()
             while queue:
                 # Only what was taken is removed: under a threaded server
@@ -359,11 +398,14 @@ class Connection:
                 self._writing = True
                 with gevent.Timeout(write_timeout):
                     sock.sendall(batch)
+                self._queued_bytes -= len(batch)
                 self._writing = False
             if self._closing and not queue:
                 return
 
     def _shutdown(self, close_timeout: float) -> None:
+        if self._close_code is None:  # the write failed: the network is gone
+            self._close_code, self._closed_by = 1006, "network"
         self._closing = True
         self._server.forget(self)
         if not self._reader_done.is_set() and self._socket.connected:
@@ -383,4 +425,8 @@ class Connection:
         except OSError:
             pass
         self._socket.connected = False
+        log.info(
+            "connection %s closed after %.1fs: code %s by the %s",
+            self.id, time.monotonic() - self._opened, self._close_code, self._closed_by or "server",
+        )
         self._server.disconnected(self)

@@ -32,11 +32,16 @@ class RateLimiter:
         if self.tokens >= cost:
             self.tokens -= cost
             return True
+        self.strike()
+        return False
+
+    def strike(self) -> None:
+        """Count a refusal, this bucket's or another's charged with it."""
+        now = time.monotonic()
         if now - self.refused_at > 1.0:
             self.strikes = 0
         self.refused_at = now
         self.strikes += 1
-        return False
 
     def retry_after(self, cost: float = 1) -> float:
         """Seconds until ``cost`` units are there (0 when they are now)."""

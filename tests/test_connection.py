@@ -4,7 +4,9 @@ from types import SimpleNamespace
 import pytest
 
 from flask_robe_sockets import protocol
+from flask_robe_sockets.config import DEFAULTS
 from flask_robe_sockets.connection import Connection
+from flask_robe_sockets.frames import FrameReader
 
 
 class ShortSocket:
@@ -20,14 +22,18 @@ class ShortSocket:
         return len(taken)
 
 
-def connection(queue_size, room):
+def connection(queue_size, room, queue_bytes=DEFAULTS["ROBE_SOCKETS_SEND_QUEUE_BYTES"]):
     server = SimpleNamespace(
-        config={"ROBE_SOCKETS_SEND_QUEUE_SIZE": queue_size, "ROBE_SOCKETS_RATE_LIMIT": (10, 10)},
+        config={
+            **DEFAULTS,
+            "ROBE_SOCKETS_SEND_QUEUE_SIZE": queue_size,
+            "ROBE_SOCKETS_SEND_QUEUE_BYTES": queue_bytes,
+        },
         forget=lambda conn: None,
     )
     conn = Connection(server)
     sock = ShortSocket(room)
-    conn._socket = SimpleNamespace(sock=sock)
+    conn._socket = SimpleNamespace(sock=sock, frames=FrameReader(conn, 1024, 8))
     return conn, sock
 
 
@@ -74,3 +80,34 @@ def test_close_refuses_codes_that_may_not_be_sent():
     assert conn.open
     conn.close(4001, "bye")
     assert not conn.open and conn._queue == [protocol.close_frame(4001, "bye")]
+
+
+def test_queue_is_bounded_in_bytes_too():
+    """A few large messages overflow the byte budget long before the message count: 4008."""
+    conn, sock = connection(queue_size=100, room=0, queue_bytes=1000)
+    big = protocol.ws_frame(b"x" * 300)
+    for _ in range(3):
+        conn.push(big)
+    assert conn.open and conn._queued_bytes == 3 * len(big)
+    conn.push(big)  # 1,212 bytes waiting: over 1,000
+    assert not conn.open
+    assert conn._queue == [protocol.close_frame(4008, "send queue overflow")]
+
+
+def test_a_frame_larger_than_the_byte_budget_goes_to_an_idle_client():
+    """One message larger than the whole budget is still sent when nothing else waits."""
+    conn, sock = connection(queue_size=100, room=10_000, queue_bytes=100)
+    big = protocol.ws_frame(b"x" * 500)
+    conn.push(big)
+    assert conn.open
+    conn._flush()
+    assert sock.written == big and conn._queued_bytes == 0
+
+
+def test_byte_count_follows_partial_writes():
+    """After partial writes the byte count is what is still waiting."""
+    conn, sock = connection(queue_size=10, room=15)
+    for n in range(3):
+        conn.push(frame(n))
+    conn._flush()
+    assert conn._queued_bytes == sum(map(len, conn._queue)) == 15

@@ -21,6 +21,7 @@ from .servers import Gunicorn, wait_until
 RATE, BURST = 20, 10
 MAX_SIZE = 1024
 QUEUE = 50
+FRAGMENTS = 8
 
 CONFIG = {
     "ROBE_SOCKETS_TICKETS_REQUIRED": False,
@@ -29,6 +30,7 @@ CONFIG = {
     "ROBE_SOCKETS_SEND_QUEUE_SIZE": QUEUE,
     "ROBE_SOCKETS_MAX_CONNECTIONS": 40,
     "ROBE_SOCKETS_CLOSE_TIMEOUT": 1,
+    "ROBE_SOCKETS_MAX_FRAGMENTS": FRAGMENTS,
 }
 
 
@@ -186,30 +188,41 @@ def flood_in_background(ws: RawWebSocket, chunk: bytes, seconds: float) -> threa
     return thread
 
 
-def test_fragment_flood_stalls_no_one_and_costs_no_memory(srv):
-    """Endless empty fragments keep one socket full: other clients stay fast, memory stays flat."""
+def test_fragment_flood_is_closed_1009_and_stalls_no_one(srv):
+    """Endless empty fragments are counted: past MAX_FRAGMENTS frames the message closes with 1009."""
     before = srv.stats()["rss"]
     ws = open_raw(srv)
-    # A small send buffer keeps the backlog, and the test, short.
-    ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
     honest = open_raw(srv)
     ws.send_frame(TEXT, b'{"event": "@pi', fin=False)
-    # Empty fragments add nothing to the size, so the limit never ends them.
+    # Empty fragments add nothing to the size: only counting frames ends them.
     flooder = flood_in_background(ws, build_frame(CONTINUATION, b"", fin=False) * 5000, 2.0)
-    worst = 0.0
-    while flooder.is_alive():
-        started = time.monotonic()
-        assert honest.request({"event": "@ping", "ref": 1}, timeout=5)["event"] == "@pong"
-        worst = max(worst, time.monotonic() - started)
-        time.sleep(0.1)  # under the rate limit
-    # Without yielding to the event loop, the reader held the worker for seconds.
-    assert worst < 1.0, worst
+    assert ws.recv_close(timeout=5) == 1009
+    started = time.monotonic()
+    assert honest.request({"event": "@ping", "ref": 1}, timeout=5)["event"] == "@pong"
+    assert time.monotonic() - started < 1.0
+    flooder.join(10)
+    assert not flooder.is_alive()
     assert srv.stats()["rss"] - before < 4 << 20
-    # The message still ends, and is handled, once the fragments stop.
-    ws.send_frame(CONTINUATION, b'ng", "ref": "end"}', fin=True)
-    assert ws.recv_json(timeout=20) == {"event": "@pong", "data": None, "ref": "end"}
     ws.close()
     honest.close()
+    assert_nothing_left(srv)
+
+
+@pytest.mark.parametrize("extra, closed", [(0, False), (1, True)], ids=["at-the-limit", "one-more"])
+def test_max_fragments_per_message(srv, extra, closed):
+    """A message in MAX_FRAGMENTS frames is handled; one frame more closes with 1009."""
+    ws = open_raw(srv)
+    # A fragmented message costs one frame of the rate limit per fragment.
+    parts = [b'{"event": "@ping", "ref": "f"}'] + [b""] * (FRAGMENTS - 2 + extra)
+    ws.send_frame(TEXT, parts[0], fin=False)
+    for part in parts[1:]:
+        ws.send_frame(CONTINUATION, part, fin=False)
+    ws.send_frame(CONTINUATION, b"", fin=True)
+    if closed:
+        assert ws.recv_close() == 1009
+    else:
+        assert ws.recv_json() == {"event": "@pong", "data": None, "ref": "f"}
+    ws.close()
     assert_nothing_left(srv)
 
 
