@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import urlencode, urlsplit
 
 from . import protocol
-from .clientsocket import CLOSE_ABNORMAL, ClientSocket, error_name
+from .clientsocket import CLOSE_ABNORMAL, ClientSocket, error_name, retry_after_seconds
 from .errors import RobeSocketsError
 
 if TYPE_CHECKING:
@@ -127,17 +127,30 @@ class ClientClosed(ClientError):
 class ConnectError(ClientError):
     """A connect attempt failed; the client tries again after a backoff.
 
+    Every failure is retried, refusals included: ``429 rate_limited`` (too
+    many tickets), ``429 identity_limit`` or ``ip_limit`` (too many sockets)
+    and even ``401 unauthorized`` may pass later.
+
     :param status: the HTTP status of a refused ticket request or
         handshake, else ``None``.
     :param code: the ``error`` of the refusal's JSON body, e.g.
         ``"unauthorized"`` or ``"ticket_used"``; else ``"ticket_failed"``
         when no ticket came, ``"connect_failed"`` when the socket failed.
+    :param retry_after: the seconds of the refusal's ``Retry-After``
+        header, else ``None``; the next attempt waits at least that long.
     """
 
-    def __init__(self, message: str, status: int | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        status: int | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code or "connect_failed"
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -278,6 +291,8 @@ class Client:
         after each failed attempt, up to ``max_reconnect_delay``, and the
         delay is drawn uniformly below it (full jitter).
     :param max_reconnect_delay: the largest backoff ceiling, in seconds.
+        A refusal with ``Retry-After`` (the ticket endpoint's ``429
+        rate_limited``) waits at least that long, up to this.
     :param ping_interval: seconds of silence from the server after which the
         client sends ``@ping``; ``None`` or 0 disables it. Keep it near the
         server's ``ROBE_SOCKETS_PING_INTERVAL`` (25 seconds).
@@ -523,11 +538,13 @@ class Client:
         attempt = 0
         try:
             while not self._stop.is_set():
+                at_least = 0.0
                 try:
                     sock = self._connect()
                 except ConnectError as exc:
                     if not self._stop.is_set():  # else close() cut it short
                         self._emit_error(exc)
+                    at_least = exc.retry_after or 0.0
                 else:
                     started = time.monotonic()
                     if self._serve(sock) and time.monotonic() - started >= STABLE_AFTER:
@@ -535,15 +552,18 @@ class Client:
                         # dropped sooner keeps growing it, so a server that
                         # closes every connection at once is not hammered.
                         attempt = 0
-                if self._stop.wait(self._backoff(attempt)):
+                if self._stop.wait(self._backoff(attempt, at_least)):
                     break
                 attempt += 1
         finally:
             self._calls.put(None)
 
-    def _backoff(self, attempt: int) -> float:
+    def _backoff(self, attempt: int, at_least: float = 0.0) -> float:
+        """Seconds before the next attempt: full jitter below a doubling
+        ceiling, but no sooner than the server's ``Retry-After`` said (up to
+        ``max_reconnect_delay``, whatever the server said)."""
         ceiling = min(self.max_reconnect_delay, self.reconnect_delay * 2 ** min(attempt, 32))
-        return random.uniform(0, ceiling)
+        return max(random.uniform(0, ceiling), min(at_least, self.max_reconnect_delay))
 
     def _connect(self) -> ClientSocket:
         url = self.url
@@ -552,9 +572,10 @@ class Client:
             url += separator + urlencode({"ticket": self._fetch_ticket()})
         try:
             return ClientSocket(url, self.connect_timeout, self.ssl_context)
-        except OSError as exc:  # Refused has the status and error of the answer
+        except OSError as exc:  # Refused has the status, error and Retry-After of the answer
             status, error = getattr(exc, "status", None), getattr(exc, "error", None)
-            raise ConnectError(f"cannot connect to {self.url}: {exc}", status, error) from exc
+            retry_after = getattr(exc, "retry_after", None)
+            raise ConnectError(f"cannot connect to {self.url}: {exc}", status, error, retry_after) from exc
 
     def _fetch_ticket(self) -> str:
         try:
@@ -568,6 +589,7 @@ class Client:
                     f"{self.ticket_url} refused a ticket: {response.status_code}",
                     response.status_code,
                     error_name(response.content) or "ticket_failed",
+                    retry_after_seconds(response.headers.get("Retry-After")),
                 )
             try:
                 ticket = response.json()["ticket"]

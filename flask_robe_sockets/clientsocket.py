@@ -48,12 +48,14 @@ class Refused(ConnectionError):
 
     :param status: the HTTP status, e.g. 401.
     :param error: the ``error`` of its JSON body, e.g. ``"ticket_used"``.
+    :param retry_after: seconds of its ``Retry-After`` header, if it had one.
     """
 
-    def __init__(self, status: int, error: str | None) -> None:
+    def __init__(self, status: int, error: str | None, retry_after: float | None = None) -> None:
         super().__init__(f"the server refused the WebSocket: {status} {error or ''}".rstrip())
         self.status = status
         self.error = error
+        self.retry_after = retry_after
 
 
 class ClientSocket:
@@ -99,6 +101,7 @@ class ClientSocket:
             raise ConnectionError(f"cannot build the handshake: {exc}") from None
         self.sock.sendall(request)
         status = 0
+        retry_after = None
         body = b""
         while True:
             data = self.sock.recv(65536)
@@ -114,12 +117,15 @@ class ClientSocket:
                         return
                     if isinstance(event, RejectConnection):
                         status = event.status_code
+                        for name, value in event.headers:
+                            if name.lower() == b"retry-after":
+                                retry_after = retry_after_seconds(value.decode("latin-1"))
                         if not event.has_body:
-                            raise Refused(status, None)
+                            raise Refused(status, None, retry_after)
                     elif isinstance(event, RejectData):
                         body += event.data
                         if event.body_finished:
-                            raise Refused(status, error_name(body))
+                            raise Refused(status, error_name(body), retry_after)
             except RemoteProtocolError as exc:
                 raise ConnectionError(f"the server's handshake answer is broken: {exc}") from None
 
@@ -222,3 +228,13 @@ def error_name(body: bytes) -> str | None:
         return None
     error = value.get("error") if isinstance(value, dict) else None
     return error if isinstance(error, str) else None
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """The seconds of a ``Retry-After`` header; ``None`` when absent or not
+    a number of seconds (the HTTP-date form is not worth a clock here)."""
+    try:
+        seconds = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return seconds if seconds is not None and 0 <= seconds < float("inf") else None

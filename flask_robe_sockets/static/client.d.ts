@@ -13,6 +13,9 @@ export declare class RobeSocketsError extends Error {
     | "ticket_failed" | "unauthorized" | "connect_failed"
     | (string & {});
   readonly channel: string | null;
+  /** On a refused ticket request: the ms its `Retry-After` asked to wait
+   * (the next attempt waits at least that), else 0. */
+  readonly retryAfter?: number;
   constructor(code: string, message: string, channel?: string | null);
 }
 

@@ -148,6 +148,12 @@ export class Channel extends Emitter {
   }
 }
 
+/** The ms of a `Retry-After` header in seconds; 0 when absent or a date. */
+function retryAfterMs(value) {
+  const seconds = value == null || value.trim() === "" ? NaN : Number(value);
+  return Number.isFinite(seconds) && seconds >= 0 ? seconds * 1000 : 0;
+}
+
 function socketUrl(url) {
   const parsed = new URL(url, globalThis.location?.href);
   if (parsed.protocol === "http:") parsed.protocol = "ws:";
@@ -365,7 +371,7 @@ export class Client extends Emitter {
           this._emit("error", abort.signal.aborted
             ? new RobeSocketsError("ticket_failed", `no ticket from ${this.#ticketUrl} within ${timeout} ms`)
             : error);
-          this.#reconnectLater();
+          this.#reconnectLater(error?.retryAfter ?? 0);
         }
         return;
       }
@@ -413,14 +419,21 @@ export class Client extends Emitter {
     }
     if (!response.ok || typeof body?.ticket !== "string") {
       const code = typeof body?.error === "string" ? body.error : "ticket_failed";
-      throw new RobeSocketsError(code, `${this.#ticketUrl} answered ${response.status} (${code})`);
+      const error = new RobeSocketsError(code, `${this.#ticketUrl} answered ${response.status} (${code})`);
+      // 429 rate_limited says how long to wait; the retry waits at least that.
+      error.retryAfter = retryAfterMs(response.headers?.get?.("Retry-After"));
+      throw error;
     }
     return body.ticket;
   }
 
-  #reconnectLater() {
+  /** Try again after the backoff, but no sooner than `atLeast` ms (a
+   * refusal's Retry-After), itself at most `maxReconnectDelay`. */
+  #reconnectLater(atLeast = 0) {
     if (this.#closed) return;  // an "error" handler may have closed the client
-    const delay = backoffDelay(this.#attempt++, this.#options.reconnectDelay, this.#options.maxReconnectDelay);
+    const { reconnectDelay, maxReconnectDelay } = this.#options;
+    const delay = Math.max(backoffDelay(this.#attempt++, reconnectDelay, maxReconnectDelay),
+      Math.min(atLeast, maxReconnectDelay));
     this.#retryTimer = setTimeout(() => this.#connect(), delay);
   }
 

@@ -270,6 +270,57 @@ test("a refused ticket is an error event, followed by another try", async () => 
   assert.equal(FakeSocket.all.length, 0);
 });
 
+test("429 rate_limited at the ticket endpoint backs off at least its Retry-After, then connects", async () => {
+  const asked = [];
+  const errors = [];
+  const client = makeClient({
+    maxReconnectDelay: 5000,
+    fetch: async () => {
+      asked.push(Date.now());
+      if (asked.length <= 2) {
+        return {
+          ok: false, status: 429, headers: new Headers({ "Retry-After": "1" }),
+          json: async () => ({ error: "rate_limited" }),
+        };
+      }
+      return { ok: true, status: 200, headers: new Headers(), json: async () => ({ ticket: "t" }) };
+    },
+  });
+  client.on("error", (error) => errors.push([error.code, error.retryAfter]));
+  await until(() => FakeSocket.all.length === 1, "the socket after two waits", 5000);
+  FakeSocket.all[0].accept();
+  assert.equal(client.connected, true);
+  assert.deepEqual(errors, [["rate_limited", 1000], ["rate_limited", 1000]]);
+  // Without it the backoff from 1 ms would have asked again at once.
+  assert.ok(asked[1] - asked[0] >= 990 && asked[2] - asked[1] >= 990, `${asked}`);
+});
+
+test("Retry-After waits no longer than maxReconnectDelay, and a 429 at the handshake is retried", async () => {
+  const asked = [];
+  const client = makeClient({
+    maxReconnectDelay: 20,
+    fetch: async () => {
+      asked.push(Date.now());
+      if (asked.length === 1) {
+        return {
+          ok: false, status: 429, headers: new Headers({ "Retry-After": "3600" }),
+          json: async () => ({ error: "rate_limited" }),
+        };
+      }
+      return { ok: true, status: 200, headers: new Headers(), json: async () => ({ ticket: `t${asked.length}` }) };
+    },
+  });
+  const errors = [];
+  client.on("error", (error) => errors.push(error.code));
+  // The browser shows a refused handshake (429 identity_limit) only as a close before open.
+  (await socketNumber(1)).drop(1006);
+  (await socketNumber(2)).accept();
+  assert.equal(client.connected, true);
+  assert.deepEqual(errors, ["rate_limited", "connect_failed"]);
+  assert.ok(asked[1] - asked[0] < 1000, `${asked}`);
+  assert.equal(FakeSocket.all[1].url, "ws://example.test/ops?ticket=t3");
+});
+
 test("the ticket URL is derived from the socket URL, in http(s)", async () => {
   const urls = [];
   makeClient({
