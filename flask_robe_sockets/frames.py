@@ -153,6 +153,11 @@ class FrameReader:
                 self._keep(data, pos, 2)
                 return True
             first, second = data[pos], data[pos + 1]
+            if first & 0x70 or not second & 0x80:
+                raise FrameError(
+                    CLOSE_PROTOCOL_ERROR,
+                    "reserved bits set without an extension" if first & 0x70 else "client frames must be masked",
+                )
             length = second & 0x7F
             head = 6 if length < 126 else 8 if length == 126 else 14
             if end - pos < head:
@@ -164,7 +169,7 @@ class FrameReader:
                 length = int.from_bytes(data[pos + 2 : pos + 10], "big")
             opcode = first & 0x0F
             fin = first & 0x80
-            self._check(first, second, opcode, length)
+            self._check(first, opcode, length)
             size = head + length
             if end - pos < size:
                 # _check refused anything longer than one allowed frame, so
@@ -207,12 +212,8 @@ class FrameReader:
         self._buffer += data[pos:] if pos else data
         self._needed = needed
 
-    def _check(self, first: int, second: int, opcode: int, length: int) -> None:
+    def _check(self, first: int, opcode: int, length: int) -> None:
         """Refuse from the header what RFC 6455 or a limit forbids."""
-        if first & 0x70:
-            raise FrameError(CLOSE_PROTOCOL_ERROR, "reserved bits set without an extension")
-        if not second & 0x80:
-            raise FrameError(CLOSE_PROTOCOL_ERROR, "client frames must be masked")
         if opcode >= CLOSE:
             if opcode not in _CONTROL_OPCODES:
                 raise FrameError(CLOSE_PROTOCOL_ERROR, f"reserved opcode {opcode:#x}")

@@ -311,3 +311,27 @@ def test_close_frame_reason_is_cut_on_a_character_boundary():
     data = protocol.close_frame(1000, "é" * 100)
     assert data[1] <= 125
     assert data[4:].decode("utf-8") == "é" * 61
+
+
+@pytest.mark.parametrize(
+    "text, depth",
+    [
+        ("1", 0),
+        ("[]", 1),
+        ('{"a": [[{}]]}', 4),
+        ('["]]]]", "[[[[[", "\\"[["]', 1),
+        ('{"k\\\\": [[]]}', 3),
+        ("[" * 64 + "]" * 64, 64),
+        ("[[]," * 100 + "[]" + "]" * 100, 101),
+    ],
+)
+def test_nesting_depth_is_read_from_the_text(text, depth):
+    """Depth counts arrays and objects, not brackets inside strings (escaped quotes included)."""
+    assert protocol.nesting_depth(text) == depth
+
+
+def test_too_deep_is_refused_before_parsing():
+    """Text nested past 64 levels is refused whatever it holds, even when the parser would choke."""
+    with pytest.raises(ValueError, match="deeper than 64"):
+        protocol.loads("[" * 30000 + "]" * 30000)
+    assert protocol.loads(",".join(["[]"] * 1000).join("[]")) == [[]] * 1000
