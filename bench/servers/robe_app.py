@@ -4,11 +4,13 @@ Settings changed from the defaults, for the benchmark's sake only:
 
 - ``ROBE_SOCKETS_TICKETS_REQUIRED = False``: clients connect without first
   fetching a ticket over HTTP (the peers have no tickets either);
-- ``ROBE_SOCKETS_RATE_LIMIT`` raised to a million frames a second, so the
-  inbound workload measures the handler path, not the limiter refusing;
-- ``ROBE_SOCKETS_PING_INTERVAL = None`` and a send queue of 30,000: no
-  keep-alive frames mix into the measured streams, and a burst is never cut
-  short by the slow-consumer limit (the peers' queues have no limit);
+- ``ROBE_SOCKETS_RATE_LIMIT`` and ``ROBE_SOCKETS_BYTE_RATE_LIMIT`` raised to
+  a million frames and a gigabyte a second, so the inbound workload measures
+  the handler path, not the limiter refusing;
+- ``ROBE_SOCKETS_PING_INTERVAL = None`` and a send queue of 30,000 messages
+  and 256 MiB: no keep-alive frames mix into the measured streams, and a
+  burst is never cut short by the slow-consumer limit (the peers' queues
+  have no limit);
 - connection limit 6,000 for the 5,000-connection capacity workload.
 """
 import os
@@ -23,7 +25,9 @@ app.config.update(
     ROBE_SOCKETS_TICKETS_REQUIRED=False,
     ROBE_SOCKETS_RATE_LIMIT=(1_000_000, 1_000_000),
     ROBE_SOCKETS_PING_INTERVAL=None,
+    ROBE_SOCKETS_BYTE_RATE_LIMIT=(1 << 30, 1 << 30),
     ROBE_SOCKETS_SEND_QUEUE_SIZE=30_000,
+    ROBE_SOCKETS_SEND_QUEUE_BYTES=256 << 20,
     ROBE_SOCKETS_MAX_CONNECTIONS=6_000,
     # Set by bench/run.py for the two-worker Redis variant.
     ROBE_SOCKETS_REDIS_URL=os.environ.get("BENCH_REDIS_URL"),
