@@ -40,6 +40,7 @@ class SocketServer:
             url,
             history_size=config["ROBE_SOCKETS_HISTORY_SIZE"],
             history_ttl=config["ROBE_SOCKETS_HISTORY_TTL"],
+            history_max_bytes=config["ROBE_SOCKETS_HISTORY_MAX_BYTES"],
         )
         self.hub = Hub(self.backend.subscribe, self.backend.unsubscribe)
         self.backend.start(self.hub.deliver)

@@ -21,6 +21,9 @@ def create_backend(url: str, **options: Any) -> Backend:
             raise ConfigurationError(
                 f"the Redis backend needs redis-py: pip install 'flask-robe-sockets[redis]' ({exc})"
             ) from exc
+        # Redis bounds its memory itself (HISTORY_SIZE, the keys' TTL and
+        # its own maxmemory): the memory backend's total does not apply.
+        options.pop("history_max_bytes", None)
         return RedisBackend(url, **options)
     raise ConfigurationError(f"unknown backend URL {url!r}: use memory:// or redis://host:port/db")
 
