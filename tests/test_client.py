@@ -596,6 +596,53 @@ def test_refused_handshake_is_an_error_event_and_retried(make_client):
     assert not client.connected
 
 
+def test_reconnects_under_the_ticket_rate_limit_wait_for_retry_after(make_server, make_client):
+    """Reconnecting faster than the ticket rate limit allows gets 429 rate_limited, an
+    "error" event; the next try waits the Retry-After (not the 50 ms backoff) and gets in."""
+    srv = make_server({"ROBE_SOCKETS_TICKET_RATE_LIMIT": [1, 2]})
+    proxy = Proxy(srv.port)
+    try:
+        events = []
+        client = make_client(proxy.ws_url, srv=srv, max_reconnect_delay=5)
+        for name in ("connect", "error"):
+            client.on(name, lambda *args, name=name: events.append((name, time.monotonic(), *args)))
+        connects = lambda: [e for e in events if e[0] == "connect"]  # noqa: E731
+        for count in (1, 2):  # two tickets: the burst
+            wait_until(lambda: len(connects()) == count, 10, message=f"connect {count}")
+            proxy.drop()
+        wait_until(lambda: len(connects()) == 3, 10, message="the connect after the rate limit")
+        errors = [e for e in events if e[0] == "error"]
+        assert errors, "the third ticket came at once: no rate limit"
+        assert all(
+            (type(e[2]), e[2].status, e[2].code, e[2].retry_after) == (ConnectError, 429, "rate_limited", 1.0)
+            for e in errors
+        ), errors
+        # Each refusal was followed by a wait of at least a second, not a tight loop.
+        assert len(errors) <= 2
+        assert connects()[2][1] - errors[0][1] >= 0.95
+        assert client.connected
+    finally:
+        proxy.close()
+
+
+def test_handshake_at_the_identity_cap_is_retried_until_a_slot_frees(make_server, make_client):
+    """429 identity_limit at the handshake is not final: the client keeps trying, with
+    backoff, and connects once the user's other socket closed."""
+    srv = make_server({"ROBE_SOCKETS_MAX_CONNECTIONS_PER_IDENTITY": 1})
+    http = requests.Session()
+    assert http.post(f"{srv.url}/login", data={"user": "alice"}, timeout=5).ok
+    record = Recorder()
+    with ws_connect(f"{srv.ws_url}?ticket={srv.ticket(http)}", open_timeout=5) as other:
+        assert json.loads(other.recv(timeout=5))["event"] == "@connected"
+        client = make_client(srv=srv, session=http, record=record)
+        errors = record.wait("error", 3)
+        assert {(type(e), e.status, e.code) for e in errors} == {(ConnectError, 429, "identity_limit")}
+        assert not client.connected
+    record.wait("connect")
+    answer = client.subscribe("room:1").send("whoami", timeout=5)
+    assert answer["identity"] == "alice"
+
+
 def test_silent_server_times_out_and_is_retried(make_client):
     """A server that never answers the handshake costs connect_timeout per attempt, then an error and a retry."""
     with socket.create_server(("127.0.0.1", 0)) as silent:  # never accepts: the kernel does
@@ -876,7 +923,7 @@ def test_backoff_keeps_growing_when_connections_drop_at_once(proxy, make_client)
     client = make_client(proxy.ws_url, record=record)
     attempts = []
     backoff = client._backoff
-    client._backoff = lambda attempt: attempts.append(attempt) or backoff(attempt)
+    client._backoff = lambda attempt, *rest: attempts.append(attempt) or backoff(attempt, *rest)
     for drops in range(1, 4):
         record.wait("connect", drops)
         proxy.drop()
