@@ -64,3 +64,146 @@ def test_dropped_history_comes_back_in_a_new_epoch():
     backend.publish("b", "e", 1)  # publishing sweeps idle histories, "a" among them
     answer = backend.recover("a", None, None)
     assert answer.seq == 0 and answer.epoch != old_epoch
+
+
+# -- bounded history --------------------------------------------------------
+
+
+def started(**options) -> MemoryBackend:
+    backend = MemoryBackend(**options)
+    backend.start(lambda *args: None)
+    return backend
+
+
+def one_channel_cost(name: str, data) -> int:
+    """The estimated bytes of a channel holding one broadcast of ``data``."""
+    probe = started()
+    probe.publish(name, "e", data)
+    return probe.history_bytes
+
+
+def test_history_bytes_stay_under_the_limit_with_many_tiny_channels():
+    """Thousands of channels with one tiny broadcast each never hold more than the limit."""
+    backend = started(history_max_bytes=100_000)
+    for i in range(20_000):
+        backend.publish(f"user:{i}", "mention", None)
+        assert backend.history_bytes <= 100_000
+    cost = one_channel_cost("user:19999", None)
+    # Full, not emptied: the newest channels are all there.
+    assert 100_000 // cost - 1 <= backend.histories <= 100_000 // cost
+    assert backend.recover("user:19999", 0, None).recovered is True
+
+
+def test_estimate_covers_what_python_really_allocates():
+    """The per-channel and per-broadcast estimates are not below the memory really held."""
+    import gc
+    import tracemalloc
+
+    backend = started(history_max_bytes=10**9)
+    names = [f"room:{i:06d}" for i in range(5_000)]
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for name in names:
+            for n in range(3):
+                backend.publish(name, "message", {"n": n, "text": "x" * 40})
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held <= backend.history_bytes
+    assert backend.history_bytes <= 1.5 * held  # an estimate, not a wild guess
+
+
+def test_least_recently_used_history_goes_first():
+    """Past the limit the history used longest ago is dropped; a recent use keeps one."""
+    cost = one_channel_cost("a", 1)
+    backend = started(history_max_bytes=3 * cost)
+    for name in "abc":
+        backend.publish(name, "e", 1)
+    backend.recover("a", None, None)  # a client looked at "a": now "b" is the oldest
+    backend.publish("d", "e", 1)
+    assert backend.recover("a", 0, None).recovered is True
+    assert backend.recover("b", None, None).seq == 0
+    assert backend.recover("c", 0, None).recovered is True
+    assert backend.recover("d", 0, None).recovered is True
+
+
+def test_evicted_channel_comes_back_in_a_new_epoch():
+    """A client coming back to an evicted channel gets recovered: false and another epoch, no replay."""
+    cost = one_channel_cost("kept", 1)
+    backend = started(history_max_bytes=4 * cost)
+    backend.publish("kept", "e", 1)
+    backend.publish("kept", "e", 2)
+    seen = backend.recover("kept", None, None)
+    assert (seen.seq, backend.recover("kept", 1, seen.epoch).recovered) == (2, True)
+    for i in range(10):
+        backend.publish(f"flood:{i}", "e", 1)
+    backend.publish("kept", "e", "after")  # seq starts again: 1, as the first ever broadcast
+    answer = backend.recover("kept", 2, seen.epoch)
+    assert answer.recovered is False and answer.frames == []
+    assert answer.epoch != seen.epoch and answer.seq == 1
+    # Even a since that happens to fit the new seq replays nothing across epochs.
+    assert backend.recover("kept", 0, seen.epoch).recovered is False
+
+
+def test_subscribed_channel_keeps_counting_when_its_history_is_dropped():
+    """A channel with local members keeps its seq and epoch; only its broadcasts go."""
+    cost = one_channel_cost("live", 1)
+    backend = started(history_max_bytes=3 * cost)
+    backend.subscribe("live")
+    first = backend.recover("live", None, None)
+    backend.publish("live", "e", 1)
+    for i in range(10):
+        backend.publish(f"flood:{i}", "e", 1)
+    assert backend.history_bytes <= 3 * cost
+    answer = backend.recover("live", 0, first.epoch)
+    assert (answer.recovered, answer.seq, answer.epoch) == (False, 1, first.epoch)
+    assert backend.publish("live", "e", 2) == 2
+    assert backend.recover("live", 1, first.epoch).recovered is True
+
+
+def test_history_size_replaces_the_oldest_broadcast_and_its_bytes():
+    """A full channel history drops its oldest broadcast per publish; the byte count follows."""
+    backend = started(history_size=2)
+    backend.publish("a", "e", "x")
+    two = (backend.publish("a", "e", "x"), backend.history_bytes)[1]
+    for _ in range(5):
+        backend.publish("a", "e", "x")
+    assert backend.history_bytes == two
+    assert [seq for seq, _ in backend.recover("a", 5, None).frames] == [6, 7]
+
+
+def test_unsubscribed_empty_channel_gives_its_bytes_back():
+    """Joining and leaving a channel without broadcasts leaves no bytes counted."""
+    backend = started()
+    for i in range(100):
+        backend.subscribe(f"c{i}")
+        backend.recover(f"c{i}", None, None)
+        backend.unsubscribe(f"c{i}")
+    assert (backend.histories, backend.history_bytes) == (0, 0)
+
+
+def test_timer_sweeps_expired_histories_without_a_publish():
+    """Expired histories and nonces go on the timer, with nothing published meanwhile."""
+    from .servers import wait_until
+
+    backend = started(history_ttl=0.2)
+    backend.publish("idle", "e", 1)
+    backend.claim_nonce("n", 0.2)
+    assert backend.histories == 1
+    wait_until(lambda: backend.histories == 0 and backend.history_bytes == 0, 10, 0.05, "the sweep")
+    assert len(backend._nonces) == 0
+
+
+def test_timer_holds_no_backend_alive():
+    """A backend nobody references any more is collected: the timer keeps only weak references."""
+    import gc
+    import weakref
+
+    backend = started()
+    backend.publish("a", "e", 1)
+    ref = weakref.ref(backend)
+    del backend
+    gc.collect()
+    assert ref() is None
