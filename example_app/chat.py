@@ -13,7 +13,7 @@ import re
 import threading
 import time
 import uuid
-from collections import defaultdict, deque
+from collections import OrderedDict, defaultdict, deque
 from typing import Any
 
 from flask_robe_sockets import Message
@@ -33,6 +33,12 @@ NAME = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 MENTION = re.compile(r"(?<![\w.-])@([A-Za-z0-9_.-]{1,32})")
 MAX_TEXT = 500
 HISTORY_SIZE = 50
+#: Mentions notified per message: each one publishes on a private channel,
+#: which keeps a history for a while even when nobody is listening.
+MAX_MENTIONS = 5
+#: Names remembered as having signed in (the most recent ones): only they
+#: are notified, so a message cannot make histories for names nobody uses.
+MAX_PEOPLE = 10_000
 
 
 class MemoryHistory:
@@ -70,6 +76,64 @@ class RedisHistory:
 
 history = RedisHistory(REDIS_URL, HISTORY_SIZE) if REDIS_URL else MemoryHistory(HISTORY_SIZE)
 
+
+class MemoryPeople:
+    """The names that signed in to this process, the latest ``size`` of them."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._names: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, name: str) -> None:
+        with self._lock:
+            self._names[name] = None
+            self._names.move_to_end(name)
+            while len(self._names) > self._size:
+                self._names.popitem(last=False)
+
+    def known(self, names: list[str]) -> list[str]:
+        """``names`` that signed in, in their order."""
+        return [name for name in names if name in self._names]
+
+
+class RedisPeople:
+    """The names that signed in to any process: a Redis sorted set by time of
+    sign-in, trimmed to the latest ``size``."""
+
+    KEY = "example_app:people"
+
+    def __init__(self, url: str, size: int) -> None:
+        import redis
+
+        self._redis = redis.Redis.from_url(url)
+        self._size = size
+
+    def add(self, name: str) -> None:
+        with self._redis.pipeline() as pipe:
+            pipe.zadd(self.KEY, {name: time.time()})
+            pipe.zremrangebyrank(self.KEY, 0, -self._size - 1)
+            pipe.execute()
+
+    def known(self, names: list[str]) -> list[str]:
+        if not names:
+            return []
+        with self._redis.pipeline() as pipe:
+            for name in names:
+                pipe.zscore(self.KEY, name)
+            scores = pipe.execute()
+        return [name for name, score in zip(names, scores) if score is not None]
+
+
+people = RedisPeople(REDIS_URL, MAX_PEOPLE) if REDIS_URL else MemoryPeople(MAX_PEOPLE)
+
+
+def mentioned(text: str, author: str) -> list[str]:
+    """Whom ``text`` notifies: the ``@names`` that signed in, except the
+    author, each once, in order, at most :data:`MAX_MENTIONS`."""
+    names = list(dict.fromkeys(name for name in MENTION.findall(text) if name != author))
+    return people.known(names)[:MAX_MENTIONS]
+
 _publisher = None
 _queue = None
 
@@ -95,7 +159,7 @@ def publish(channel: str, event: str, data: Any) -> None:
 
 def post_message(message: dict, user: str) -> dict:
     """The background job: keep a chat message, broadcast it to its room,
-    and tell everyone it mentions on their private channel."""
+    and tell the people it mentions on their private channels."""
     incoming = Message.from_dict(message)
     room = incoming.channel.partition(":")[2]
     entry = {
@@ -106,7 +170,7 @@ def post_message(message: dict, user: str) -> dict:
     }
     history.add(room, entry)
     publish(incoming.channel, "message", entry)
-    for name in sorted(set(MENTION.findall(entry["text"])) - {user}):
+    for name in mentioned(entry["text"], user):
         publish(f"user:{name}", "mention", {**entry, "room": room})
     return entry
 

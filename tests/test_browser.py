@@ -66,6 +66,9 @@ class Chat:
         page = context.new_page()
         page.set_default_timeout(15_000)
         page.on("pageerror", lambda error: self.page_errors.append(f"{name}: {error}"))
+        # What the page's Content-Security-Policy blocked is only a console error.
+        page.on("console", lambda message: "Content Security Policy" in message.text
+                and self.page_errors.append(f"{name}: {message.text}"))
         self.pages[name] = page
         page.goto(f"{server.url}/login?next=/rooms/{room}")
         page.fill("#name", name)
@@ -221,7 +224,9 @@ def test_server_restart_reconnects_and_reloads_the_room(chat):
     """Stopping the server shows both pages disconnected; after the restart
     both reconnect, and a page that came back later finds the messages sent
     meanwhile (the new server cannot replay them, so the page reloads)."""
-    server = chat.start_server()
+    # The same key before and after: the sessions outlive the restart.
+    key = {"SECRET_KEY": uuid.uuid4().hex}
+    server = chat.start_server(env=key)
     alice = chat.sign_in(server, "alice")
     bob = chat.sign_in(server, "bob")
     before = unique("before the restart")
@@ -232,7 +237,7 @@ def test_server_restart_reconnects_and_reloads_the_room(chat):
     expect_status(alice, "disconnected")
     expect_status(bob, "disconnected")
     bob.context.set_offline(True)  # bob stays away while alice is back
-    chat.start_server(port=server.port)
+    chat.start_server(port=server.port, env=key)
     expect_status(alice, "connected")
     meanwhile = unique("sent while bob was away")
     post(alice, meanwhile)
@@ -249,6 +254,21 @@ def test_server_restart_reconnects_and_reloads_the_room(chat):
     expect(message(alice, after)).to_have_count(1)
 
 
+def test_restart_without_a_key_ends_the_sign_in(chat):
+    """Without SECRET_KEY each start signs with a key of its own: after a
+    restart the page stops reconnecting and says to sign in again."""
+    keyless = {"SECRET_KEY": "", "REDIS_URL": ""}
+    server = chat.start_server(env=keyless)
+    alice = chat.sign_in(server, "alice")
+    server.stop()
+    expect_status(alice, "disconnected")
+    chat.start_server(port=server.port, env=keyless)
+    expect(alice.locator("#status")).to_have_text("Signed out")
+    expect(alice.locator("#notice")).to_contain_text("sign in again")
+    alice.reload()
+    expect(alice).to_have_url(re.compile(r"/login\?next=/rooms/lobby$"))
+
+
 @pytest.mark.skipif(
     not shutil.which("redis-server") and os.environ.get("CI") != "true",
     reason="redis-server is not installed",
@@ -261,7 +281,8 @@ def test_with_redis_messages_go_through_an_rq_worker(chat, redis_server):
 
     url = redis_server.url.rsplit("/", 1)[0] + "/3"  # a database of its own
     redis.Redis.from_url(url).flushdb()
-    env = {"REDIS_URL": url}
+    # Every process of a Redis set-up must share one SECRET_KEY (the app refuses to start without).
+    env = {"REDIS_URL": url, "SECRET_KEY": uuid.uuid4().hex}
     worker = chat.adopt(Process([str(BIN / "rq"), "worker", "example_app", "--url", url], env=env, name="rq"))
     server = chat.start_server(workers=2, env=env)
     alice = chat.sign_in(server, "alice")

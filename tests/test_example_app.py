@@ -1,12 +1,38 @@
-"""The example chat without a browser: pages, sign-in, the hooks and the job."""
+"""The example chat without a browser: pages, sign-in, the hooks and the job,
+and what it does against hostile visitors, against real gunicorn servers."""
 from __future__ import annotations
 
+import json
+import re
+import secrets
+from html.parser import HTMLParser
+from http.client import HTTPConnection
 from types import SimpleNamespace
 
 import pytest
+import requests
+from flask import Flask
+from flask.sessions import SecureCookieSessionInterface
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
-from example_app import app, chat, realtime
+from example_app import app, chat, create_app, realtime
+from example_app.security import UnsafeRedirect, same_site_path
 from flask_robe_sockets import Forbidden, Message
+from flask_robe_sockets.tickets import TicketSigner
+
+from .servers import BIN, Gunicorn, Process, free_port, wait_until
+
+APP = "example_app:app"
+CONFIG = "example_app/gunicorn.conf.py"
+#: The key the example used to run with whenever SECRET_KEY was unset.
+OLD_KEY = "dev only: set SECRET_KEY in production"
+#: In memory and without a key, whatever the environment running the tests says.
+KEYLESS = {"SECRET_KEY": "", "REDIS_URL": ""}
+TOKEN = re.compile(r'name="csrf_token" value="([^"]+)"')
+
+
+# -- helpers ------------------------------------------------------------
 
 
 @pytest.fixture
@@ -14,8 +40,116 @@ def client():
     return app.test_client()
 
 
+def fresh(prefix: str = "alice") -> str:
+    """A name of its own: the servers outlive a test, and the ticket rate
+    limit counts per name."""
+    return f"{prefix}-{secrets.token_hex(3)}"
+
+
+def csrf_token(page: str) -> str:
+    match = TOKEN.search(page)
+    assert match, "the page has no CSRF token"
+    return match.group(1)
+
+
 def sign_in(client, name="alice"):
-    return client.post("/login", data={"name": name})
+    """Sign in as a browser does: the form first, for its token."""
+    token = csrf_token(client.get("/login").get_data(as_text=True))
+    return client.post("/login", data={"name": name, "csrf_token": token})
+
+
+def http_sign_in(srv: Gunicorn, name: str, http: requests.Session | None = None, next_: str | None = None):
+    """Sign in over HTTP; returns the session and the POST's response."""
+    http = http or requests.Session()
+    token = csrf_token(http.get(f"{srv.url}/login", timeout=5).text)
+    query = "" if next_ is None else f"?next={next_}"
+    response = http.post(
+        f"{srv.url}/login{query}", data={"name": name, "csrf_token": token}, allow_redirects=False, timeout=5
+    )
+    return http, response
+
+
+def ticket_of(srv: Gunicorn, http: requests.Session) -> requests.Response:
+    return http.post(f"{srv.url}/ops/ticket", timeout=5)
+
+
+def subscribe(srv: Gunicorn, http: requests.Session, channel: str) -> dict:
+    """Open a socket with ``http``'s ticket and subscribe it to ``channel``: the ``@subscribed`` data."""
+    response = ticket_of(srv, http)
+    response.raise_for_status()
+    with connect(f"{srv.ws_url}?ticket={response.json()['ticket']}", open_timeout=5) as ws:
+        assert json.loads(ws.recv(timeout=5))["event"] == "@connected"
+        ws.send(json.dumps({"channel": channel, "event": "@subscribe", "ref": 1}))
+        answer = json.loads(ws.recv(timeout=5))
+    assert answer["event"] == "@subscribed", answer
+    return answer["data"]
+
+
+def forged_session(key: str, name: str) -> str:
+    """A session cookie for ``name`` signed as Flask signs them, with ``key``."""
+    forger = Flask("forger")
+    forger.secret_key = key
+    return SecureCookieSessionInterface().get_signing_serializer(forger).dumps({"name": name})
+
+
+def forged_ticket(key: str, name: str) -> str:
+    """A socket ticket for ``name`` at 127.0.0.1, signed as the extension signs them, with ``key``."""
+    return TicketSigner([key], max_age=30, bind_ip=True, claim_nonce=lambda nonce, ttl: True).issue(
+        name, "127.0.0.1"
+    )
+
+
+def handshake_status(srv: Gunicorn, ticket: str) -> int:
+    """101 when the socket opened with ``ticket``, else the refusal's status."""
+    try:
+        with connect(f"{srv.ws_url}?ticket={ticket}", open_timeout=5) as ws:
+            assert json.loads(ws.recv(timeout=5))["event"] == "@connected"
+            return 101
+    except InvalidStatus as exc:
+        return exc.response.status_code
+
+
+def serve_example(*args: str, env: dict | None = None) -> Process:
+    """gunicorn as ``scripts/serve-example`` runs it, on a free port."""
+    return Process(
+        [str(BIN / "gunicorn"), "-c", CONFIG, "--no-control-socket", "-b", f"127.0.0.1:{free_port()}",
+         *args, APP],
+        env={**KEYLESS, **(env or {})}, name="gunicorn",
+    )
+
+
+def exits(process: Process, timeout: float = 30) -> int:
+    """Wait for ``process`` to end by itself; its exit code."""
+    try:
+        return process.proc.wait(timeout)
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="module")
+def keyless():
+    """The example as ``serve-example`` starts it: one worker, in memory, no SECRET_KEY."""
+    srv = Gunicorn(app=APP, extra=["-c", CONFIG], env=KEYLESS)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def make_example():
+    """Start example servers with their own environment; stopped after the test."""
+    started = []
+
+    def make(env: dict, **kwargs) -> Gunicorn:
+        srv = Gunicorn(app=APP, env={**KEYLESS, **env}, **kwargs)
+        started.append(srv)
+        return srv
+
+    yield make
+    for srv in started:
+        srv.stop()
+
+
+# -- pages and the chat -------------------------------------------------
 
 
 def test_pages_ask_for_a_name_first(client):
@@ -38,16 +172,8 @@ def test_sign_in_takes_a_channel_safe_name(client):
     assert client.post("/ops/ticket").status_code == 200
 
 
-def test_sign_in_redirects_only_within_the_site(client):
-    """``next`` may name a path of this site, never another site."""
-    assert client.post("/login?next=/rooms/python", data={"name": "a"}).headers["Location"] == "/rooms/python"
-    for outside in ("//evil.example/", "https://evil.example/", "javascript:alert(1)"):
-        response = client.post(f"/login?next={outside}", data={"name": "a"})
-        assert response.headers["Location"] == "/"
-
-
 def test_room_page_shows_history_as_text(client):
-    """Recent messages are rendered escaped, with the client module mapped in."""
+    """Recent messages are rendered escaped, and the page names the client module."""
     entry = chat.post_message(
         Message("room:python", "message", {"text": "  <script>alert(1)</script>  "}).to_dict(), "mallory"
     )
@@ -56,7 +182,7 @@ def test_room_page_shows_history_as_text(client):
     page = client.get("/rooms/python").get_data(as_text=True)
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "<script>alert(1)" not in page
-    assert '"robe-sockets": "/ops/client.js"' in page
+    assert 'data-client="/ops/client.js"' in page
     assert client.get("/rooms/python/messages").json["messages"][-1] == entry
     assert client.get("/rooms/nowhere").status_code == 404
 
@@ -86,19 +212,33 @@ def test_handler_checks_the_text_and_hands_it_to_the_job(monkeypatch):
 
 def test_job_broadcasts_to_the_room_and_to_who_is_mentioned(monkeypatch):
     """The job keeps the message, sends it to the room, and notifies each
-    mentioned person (not the author) on their private channel."""
+    mentioned person who signed in (not the author, not a stranger) on their
+    private channel, once, in the order they are named."""
     sent = []
     monkeypatch.setattr(chat, "publish", lambda channel, event, data: sent.append((channel, event, data)))
+    monkeypatch.setattr(chat, "people", chat.MemoryPeople(10))
+    for name in ("alice", "bob", "carol"):
+        chat.people.add(name)
     entry = chat.post_message(
-        Message("room:lobby", "message", {"text": "@bob and @carol, @bob! mail@example.com @alice"}).to_dict(),
+        Message("room:lobby", "message", {"text": "@carol and @bob, @carol! mail@example.com @alice @nobody"}).to_dict(),
         "alice",
     )
     assert sent == [
         ("room:lobby", "message", entry),
-        ("user:bob", "mention", {**entry, "room": "lobby"}),
         ("user:carol", "mention", {**entry, "room": "lobby"}),
+        ("user:bob", "mention", {**entry, "room": "lobby"}),
     ]
     assert chat.history.recent("lobby")[-1] == entry
+
+
+def test_job_notifies_at_most_five_mentions(monkeypatch):
+    """A message naming many people who signed in notifies the first five."""
+    monkeypatch.setattr(chat, "people", chat.MemoryPeople(100))
+    names = [f"p{index}" for index in range(40)]
+    for name in names:
+        chat.people.add(name)
+    assert chat.MAX_MENTIONS == 5
+    assert chat.mentioned(" ".join(f"@{name}" for name in names), "alice") == names[:5]
 
 
 def test_job_in_process_publishes_through_the_extension():
@@ -121,3 +261,311 @@ def test_client_module_is_served_with_its_types(client):
         assert response.status_code == 200
         assert response.mimetype == "text/plain"
         assert b"export declare class Client" in response.data
+
+
+# -- where a sign-in may send the browser -------------------------------
+
+#: ``next`` values that lead (or, in some browser, could lead) off the site,
+#: as sent on the wire.
+OFF_SITE = [
+    "/%09/127.0.0.1:8000/pwned.html",  # browsers drop the tab: //127.0.0.1:8000/...
+    "/%0d%0a/evil.example",  # a CR LF (once a 500)
+    "/%0a/evil.example",
+    "/%0d/evil.example",
+    "/\\evil.example",  # browsers read \ as /
+    "/%5Cevil.example",
+    "%5C%5Cevil.example",
+    "////evil.example",
+    "//evil.example/",
+    "/%2F/evil.example",
+    "https://evil.example/",
+    "http:/evil.example",
+    "javascript:alert(1)",
+    "evil.example",
+    "/%20/evil.example",
+    "/%E2%80%8B/evil.example",  # a zero-width space
+    "",
+]
+
+
+@pytest.mark.parametrize("target", OFF_SITE)
+def test_sign_in_refuses_a_next_off_the_site(keyless, target):
+    """``POST /login?next=`` anything but a path of this site is a 400, never
+    a redirect nor a 500, and signs nobody in."""
+    http, response = http_sign_in(keyless, fresh(), next_=target)
+    assert response.status_code == 400, response.headers.get("Location")
+    assert "Location" not in response.headers
+    assert ticket_of(keyless, http).status_code == 401
+
+
+def test_sign_in_redirects_to_a_path_of_the_site(keyless):
+    """A ``next`` path of this site, query included, is where the sign-in goes;
+    without one it goes to the lobby."""
+    for target in ("/rooms/python", "/rooms/python?x=1"):
+        http, response = http_sign_in(keyless, fresh(), next_=target)
+        assert response.status_code == 302
+        assert response.headers["Location"] == target
+        assert ticket_of(keyless, http).status_code == 200
+    _, response = http_sign_in(keyless, fresh())
+    assert response.headers["Location"] == "/"
+
+
+def test_same_site_path_decides_on_the_decoded_value():
+    """The check itself, on what Flask decoded from the query."""
+    for bad in ("/\t/evil", "/\r\n/evil", "/\\evil", "\\\\evil", "//evil", "///evil", "https://evil",
+                "/\x7f", "/\u200b/evil", "/ /evil", "rooms/lobby", ""):
+        with pytest.raises(UnsafeRedirect):
+            same_site_path(bad)
+    assert same_site_path("/rooms/lobby?x=1#top") == "/rooms/lobby?x=1#top"
+
+
+# -- CSRF ---------------------------------------------------------------
+
+
+def test_sign_in_needs_the_forms_token(keyless):
+    """A sign-in posted without this session's token (another site's form:
+    login CSRF) is refused; with it, it works."""
+    stranger, _ = http_sign_in(keyless, fresh("mallory"))  # a valid token, of another session
+    stranger_token = csrf_token(stranger.get(f"{keyless.url}/login", timeout=5).text)
+    http = requests.Session()
+    token = csrf_token(http.get(f"{keyless.url}/login", timeout=5).text)
+    name = fresh()
+    for data in ({"name": name}, {"name": name, "csrf_token": "x" + token[1:]},
+                 {"name": name, "csrf_token": stranger_token}):
+        response = http.post(f"{keyless.url}/login", data=data, allow_redirects=False, timeout=5)
+        assert response.status_code == 400
+        assert "please try again" in response.text
+        assert ticket_of(keyless, http).status_code == 401
+    # Without any cookie at all, as a cross-site form would usually arrive.
+    response = requests.post(f"{keyless.url}/login", data={"name": name, "csrf_token": token},
+                             allow_redirects=False, timeout=5)
+    assert response.status_code == 400
+    response = http.post(f"{keyless.url}/login", data={"name": name, "csrf_token": token},
+                         allow_redirects=False, timeout=5)
+    assert response.status_code == 302
+    assert ticket_of(keyless, http).status_code == 200
+
+
+def test_sign_out_needs_the_pages_token(keyless):
+    """Signing out takes the token the room page carries; without it the
+    session stays."""
+    http, _ = http_sign_in(keyless, fresh())
+    page = http.get(f"{keyless.url}/rooms/lobby", timeout=5)
+    assert page.status_code == 200
+    response = http.post(f"{keyless.url}/logout", allow_redirects=False, timeout=5)
+    assert response.status_code == 400
+    assert ticket_of(keyless, http).status_code == 200
+    response = http.post(f"{keyless.url}/logout", data={"csrf_token": csrf_token(page.text)},
+                         allow_redirects=False, timeout=5)
+    assert response.status_code == 302
+    assert ticket_of(keyless, http).status_code == 401
+
+
+# -- headers and cookies ------------------------------------------------
+
+
+class Scripts(HTMLParser):
+    """Collects the page's ``<script>`` elements: their attributes and text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scripts: list[tuple[dict, str]] = []
+        self._inside = False
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "script":
+            self.scripts.append((dict(attrs), ""))
+            self._inside = True
+
+    def handle_endtag(self, tag):
+        if tag == "script":
+            self._inside = False
+
+    def handle_data(self, data):
+        if self._inside:
+            attrs, text = self.scripts[-1]
+            self.scripts[-1] = (attrs, text + data)
+
+
+def test_pages_send_a_content_security_policy_and_no_frames(keyless):
+    """Every page forbids inline script and framing, and has no inline script
+    for the policy to block."""
+    http, _ = http_sign_in(keyless, fresh())
+    for path in ("/login", "/rooms/lobby"):
+        response = http.get(keyless.url + path, timeout=5)
+        assert response.status_code == 200
+        policy = dict(
+            directive.strip().split(" ", 1) for directive in response.headers["Content-Security-Policy"].split(";")
+        )
+        assert policy["script-src"] == "'self'"
+        assert policy["default-src"] == "'self'"
+        assert policy["frame-ancestors"] == "'none'"
+        assert policy["object-src"] == "'none'"
+        assert "unsafe" not in response.headers["Content-Security-Policy"]
+        assert response.headers["X-Frame-Options"] == "DENY"
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        parser = Scripts()
+        parser.feed(response.text)
+        for attrs, text in parser.scripts:
+            assert attrs.get("src", "").startswith("/static/") and not text.strip(), (attrs, text)
+    assert len(parser.scripts) == 1  # the room page's chat.js
+
+
+def test_session_cookie_is_lax_and_secure_over_https(keyless, make_example):
+    """The session cookie is HttpOnly and SameSite=Lax; Secure over https (as
+    a trusted proxy says) or always with SESSION_COOKIE_SECURE, never from a
+    header nobody vouches for."""
+
+    def cookie(srv, **headers) -> str:
+        # From 127.0.0.2: gunicorn itself believes X-Forwarded-Proto from
+        # 127.0.0.1 (its forwarded_allow_ips), as from a proxy on the machine.
+        conn = HTTPConnection("127.0.0.1", srv.port, timeout=5, source_address=("127.0.0.2", 0))
+        try:
+            conn.request("GET", "/login", headers=headers)
+            response = conn.getresponse()
+            response.read()
+            return response.getheader("Set-Cookie")
+        finally:
+            conn.close()
+
+    plain = cookie(keyless)
+    assert "SameSite=Lax" in plain and "HttpOnly" in plain
+    assert "Secure" not in plain
+    assert "Secure" not in cookie(keyless, **{"X-Forwarded-Proto": "https"})
+    proxied = make_example({"TRUSTED_PROXIES": "1"})
+    assert "Secure" not in cookie(proxied)
+    secure = cookie(proxied, **{"X-Forwarded-Proto": "https"})
+    assert "Secure" in secure and "SameSite=Lax" in secure
+    assert "Secure" in cookie(make_example({"SESSION_COOKIE_SECURE": "1"}))
+
+
+def test_stats_answers_only_on_the_machine_itself(keyless, make_example):
+    """``/stats`` answers loopback clients; behind a trusted proxy, only when
+    the client itself is local. A forwarded-for header alone changes nothing."""
+    assert requests.get(f"{keyless.url}/stats", timeout=5).json()["connections"] >= 0
+    outside = {"X-Forwarded-For": "203.0.113.9"}
+    assert requests.get(f"{keyless.url}/stats", headers=outside, timeout=5).status_code == 200
+    proxied = make_example({"TRUSTED_PROXIES": "1"})
+    assert requests.get(f"{proxied.url}/stats", headers=outside, timeout=5).status_code == 404
+    local = {"X-Forwarded-For": "203.0.113.9, 127.0.0.1"}
+    assert requests.get(f"{proxied.url}/stats", headers=local, timeout=5).status_code == 200
+
+
+# -- the secret key -----------------------------------------------------
+
+
+def test_the_old_default_key_forges_nothing(keyless, make_example):
+    """Without SECRET_KEY the server logs a warning and signs with a key of its
+    own: a session cookie or a ticket signed with the key it once had by
+    default is refused, where the same forgery with the real key passes."""
+    assert "SECRET_KEY is not set: using a random key" in keyless.output()
+    http = requests.Session()
+    http.cookies.set("session", forged_session(OLD_KEY, "alice"))
+    response = http.get(f"{keyless.url}/rooms/lobby", allow_redirects=False, timeout=5)
+    assert response.status_code == 302 and response.headers["Location"].startswith("/login")
+    assert ticket_of(keyless, http).status_code == 401
+    assert handshake_status(keyless, forged_ticket(OLD_KEY, "alice")) == 401
+
+    # The control: the same forgeries signed with the key a server does use.
+    key = secrets.token_hex(16)
+    keyed = make_example({"SECRET_KEY": key})
+    assert "SECRET_KEY is not set" not in keyed.output()
+    http = requests.Session()
+    http.cookies.set("session", forged_session(key, "alice"))
+    assert http.get(f"{keyed.url}/rooms/lobby", allow_redirects=False, timeout=5).status_code == 200
+    assert ticket_of(keyed, http).status_code == 200
+    assert handshake_status(keyed, forged_ticket(key, "alice")) == 101
+
+
+def test_each_start_without_a_key_has_its_own(keyless, make_example):
+    """A session from one key-less start means nothing to the next one."""
+    http, response = http_sign_in(keyless, fresh())
+    assert response.status_code == 302
+    other = make_example({})
+    moved = requests.Session()
+    moved.cookies.set("session", http.cookies["session"])
+    assert ticket_of(other, moved).status_code == 401
+    assert ticket_of(keyless, http).status_code == 200
+
+
+def test_several_workers_without_a_key_refuse_to_start():
+    """``serve-example -w 2`` without SECRET_KEY stops at once and says what to
+    set; with SECRET_KEY both workers serve the same sessions."""
+    refused = serve_example("-w", "2")
+    assert exits(refused) == 1
+    assert "2 workers need one SECRET_KEY" in refused.output()
+    assert "Booting worker" not in refused.output()
+
+
+def test_several_workers_with_a_key_share_sessions(make_example):
+    """With SECRET_KEY two workers start, and a session signed on one is good
+    on every worker: each of ten tickets, issued by whichever worker took the
+    request, opens a socket on whichever worker takes that one."""
+    srv = make_example({"SECRET_KEY": secrets.token_hex(16)}, workers=2, extra=["-c", CONFIG])
+    http, response = http_sign_in(srv, fresh())
+    assert response.status_code == 302
+    for _ in range(10):
+        assert handshake_status(srv, ticket_of(srv, http).json()["ticket"]) == 101
+
+
+def test_redis_without_a_key_refuses_to_start():
+    """REDIS_URL without SECRET_KEY: the worker does not boot, and the log says
+    to set SECRET_KEY in every process."""
+    # Port 9 (discard): nothing is sent, the app refuses before it connects.
+    refused = serve_example(env={"REDIS_URL": "redis://127.0.0.1:9/0"})
+    assert exits(refused) != 0
+    assert "REDIS_URL is set but SECRET_KEY is not" in refused.output()
+    with pytest.raises(RuntimeError, match="SECRET_KEY is not"):
+        create_app({"SECRET_KEY": None, "ROBE_SOCKETS_REDIS_URL": "redis://127.0.0.1:9/0"})
+
+
+# -- mentions -----------------------------------------------------------
+
+
+def test_mentions_reach_only_people_who_signed_in_and_at_most_five(keyless):
+    """A message naming strangers and seven people who signed in publishes on
+    the private channels of the first five of those only: the others' and
+    the strangers' channels stay at seq 0, with no history."""
+    tag = secrets.token_hex(3)
+    people = [f"p{index}-{tag}" for index in range(7)]
+    sessions = {name: http_sign_in(keyless, name)[0] for name in people}
+    stranger = f"ghost-{tag}"
+    author, _ = http_sign_in(keyless, f"author-{tag}")
+    text = " ".join(f"@{name}" for name in [stranger, *people, f"nobody-{tag}"])
+    ticket = ticket_of(keyless, author).json()["ticket"]
+    with connect(f"{keyless.ws_url}?ticket={ticket}", open_timeout=5) as ws:
+        assert json.loads(ws.recv(timeout=5))["event"] == "@connected"
+        ws.send(json.dumps({"channel": "room:lobby", "event": "@subscribe", "ref": 1}))
+        assert json.loads(ws.recv(timeout=5))["event"] == "@subscribed"
+        ws.send(json.dumps({"channel": "room:lobby", "event": "message", "data": {"text": text}, "ref": 2}))
+        # The reply and the job's broadcast, in either order.
+        events = {json.loads(ws.recv(timeout=5))["event"] for _ in range(2)}
+    assert events == {"@reply", "message"}
+    # The room's broadcast comes first in the job: wait for the last mention it may make.
+    last = people[4]
+    wait_until(lambda: subscribe(keyless, sessions[last], f"user:{last}")["seq"], 10,
+               message="the fifth mention")
+    seqs = {name: subscribe(keyless, sessions[name], f"user:{name}")["seq"] for name in people}
+    assert seqs == {name: 1 if index < 5 else 0 for index, name in enumerate(people)}
+    ghost, _ = http_sign_in(keyless, stranger)
+    assert subscribe(keyless, ghost, f"user:{stranger}")["seq"] == 0
+
+
+@pytest.mark.parametrize("kind", ["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def test_people_remembers_the_latest_names_only(kind, request):
+    """The signed-in names are bounded: past the limit the oldest sign-in is forgotten,
+    and signing in again makes a name recent."""
+    if kind == "memory":
+        people = chat.MemoryPeople(3)
+    else:
+        import redis
+
+        url = request.getfixturevalue("redis_server").url.rsplit("/", 1)[0] + "/4"
+        redis.Redis.from_url(url).flushdb()
+        people = chat.RedisPeople(url, 3)
+    for name in ("a", "b", "c"):
+        people.add(name)
+    people.add("a")
+    people.add("d")
+    assert people.known(["a", "b", "c", "d", "e"]) == ["a", "c", "d"]
+    assert people.known([]) == []

@@ -1,8 +1,8 @@
 // The room page: one client, the room's channel and the user's private one.
 // Everything received is shown with textContent, never as HTML.
-import { Client } from "robe-sockets";
-
-const { room, user, messagesUrl } = document.body.dataset;
+const { room, user, messagesUrl, client: clientUrl } = document.body.dataset;
+// The extension serves its client beside the socket; the page says where.
+const { Client } = await import(clientUrl);
 const list = document.getElementById("messages");
 const empty = document.getElementById("empty");
 const template = document.getElementById("message-template");
@@ -65,7 +65,15 @@ list.scrollTop = list.scrollHeight;
 const client = new Client();
 client.on("connect", () => setStatus("connected", "Connected"));
 client.on("disconnect", () => setStatus("disconnected", "Reconnecting…"));
-client.on("error", () => {
+client.on("error", (error) => {
+  if (error.code === "unauthorized") {
+    // No ticket for this page's cookie: signed out in another tab, or a
+    // server without SECRET_KEY restarted with a new key. Retrying cannot help.
+    client.close();
+    setStatus("disconnected", "Signed out");
+    say("Your sign-in has ended: reload the page to sign in again.", "error");
+    return;
+  }
   if (!client.connected) setStatus("disconnected", "Reconnecting…");
 });
 
