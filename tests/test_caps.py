@@ -301,3 +301,89 @@ def test_ticket_rate_limit(make_server):
     with opened(srv, json.loads(granted.body)["ticket"]) as ws:
         assert pong(ws, 1)
     assert ticket_from(srv, LOCAL).status == 429
+
+
+# -- the browser client under the limits ----------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+# Runs in a page of the server's origin: the module's own address gives the
+# default socket and ticket URLs, and the page's cookies go with the tickets.
+CONNECT_JS = """
+async ({ useUpBurst, timeout }) => {
+  const { Client } = await import("/ops/client.js");
+  for (let i = 0; i < useUpBurst; i++) await fetch("/ops/ticket", { method: "POST" });
+  const started = performance.now();
+  const events = [];
+  const client = new Client({ reconnectDelay: 50, maxReconnectDelay: 5000 });
+  window.robeClient = client;
+  client.on("error", (e) => events.push(["error", performance.now() - started, e.code, e.retryAfter ?? null]));
+  await new Promise((resolve, reject) => {
+    client.on("connect", () => { events.push(["connect", performance.now() - started]); resolve(); });
+    setTimeout(() => reject(new Error("no connect: " + JSON.stringify(events))), timeout);
+  });
+  const reply = await client.subscribe("room:1").send("whoami", null);
+  client.close();
+  return { events, identity: reply.identity };
+}
+"""
+
+
+@pytest.fixture
+def page():
+    """A page of headless Chromium (Debian's), closed after the test."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not os.path.exists(CHROMIUM) and os.environ.get("CI") != "true":
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(20_000)
+            yield page
+        finally:
+            browser.close()
+
+
+def test_browser_client_waits_out_the_ticket_rate_limit(make_server, page):
+    """The browser client's ticket request answered 429 rate_limited is an "error" event;
+    it tries again after the Retry-After (1 s, not its 50 ms backoff) and connects."""
+    srv = make_server({"ROBE_SOCKETS_TICKET_RATE_LIMIT": [1, 2]})
+    page.goto(f"{srv.url}/stats")
+    result = page.evaluate(CONNECT_JS, {"useUpBurst": 2, "timeout": 15_000})
+    events = result["events"]
+    errors = [event for event in events if event[0] == "error"]
+    assert errors and all(event[2:] == ["rate_limited", 1000] for event in errors), events
+    assert len(errors) <= 2, events
+    assert events[-1][0] == "connect" and events[-1][1] - errors[0][1] >= 950, events
+    assert result["identity"] == "anonymous"
+
+
+def test_browser_client_retries_a_handshake_at_the_identity_cap(make_server, page):
+    """A handshake refused 429 identity_limit (a close before open, to a page) is retried
+    with backoff until the identity's other socket closes; then it connects."""
+    srv = make_server({"ROBE_SOCKETS_MAX_CONNECTIONS_PER_IDENTITY": 1})
+    page.goto(f"{srv.url}/stats")
+    with opened(srv, srv.ticket()):  # "anonymous", as the page is
+        page.evaluate("""() => {
+          window.connecting = (async () => {
+            const { Client } = await import("/ops/client.js");
+            window.errors = [];
+            const client = new Client({ reconnectDelay: 50, maxReconnectDelay: 400 });
+            client.on("error", (e) => window.errors.push(e.code));
+            await new Promise((resolve) => client.on("connect", resolve));
+            window.connected = true;
+            const reply = await client.subscribe("room:1").send("whoami", null);
+            client.close();
+            return reply.identity;
+          })();
+        }""")
+        page.wait_for_function("() => window.errors.length >= 3", timeout=15_000)
+        assert set(page.evaluate("window.errors")) == {"connect_failed"}
+        assert not page.evaluate("window.connected === true")
+        assert held(srv)["identities"] == {'"anonymous"': 1}
+    assert page.evaluate("window.connecting") == "anonymous"
