@@ -294,6 +294,7 @@ def test_sign_in_refuses_a_next_off_the_site(keyless, target):
     a redirect nor a 500, and signs nobody in."""
     http, response = http_sign_in(keyless, fresh(), next_=target)
     assert response.status_code == 400, response.headers.get("Location")
+    assert "next must be a path of this site" in response.text
     assert "Location" not in response.headers
     assert ticket_of(keyless, http).status_code == 401
 
