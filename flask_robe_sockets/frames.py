@@ -86,6 +86,12 @@ class FrameReader:
         fails with 1009, since an empty fragment adds nothing to the size.
     """
 
+    # Slots: one reader per idle connection, whose whole budget is a few KiB.
+    __slots__ = (
+        "listener", "max_message_size", "max_fragments", "mode", "_buffer", "_needed",
+        "_opcode", "_fragments", "_size", "_parts", "_decoder", "_dropped",
+    )
+
     def __init__(self, listener: Listener, max_message_size: int, max_fragments: int) -> None:
         self.listener = listener
         self.max_message_size = max_message_size
@@ -104,7 +110,8 @@ class FrameReader:
         self._fragments = 0
         self._size = 0
         self._parts: list[str] = []
-        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        # Made for the first fragmented text message: most clients never send one.
+        self._decoder: codecs.IncrementalDecoder | None = None
         self._dropped = False
 
     def close(self) -> None:
@@ -243,7 +250,8 @@ class FrameReader:
         self._dropped = False
         if self._parts:
             self._parts = []
-        self._decoder.reset()
+        if self._decoder is not None:
+            self._decoder.reset()
 
     def _refused(self, opcode: int, fin: int, masked: bytes) -> None:
         """Tell the listener; a small whole text message is read for its ``ref``."""
@@ -265,6 +273,8 @@ class FrameReader:
             self.listener.on_text(text)
             return
         if kind == TEXT:
+            if self._decoder is None:
+                self._decoder = codecs.getincrementaldecoder("utf-8")()
             try:
                 part = self._decoder.decode(payload, bool(fin))
             except UnicodeDecodeError:
