@@ -7,19 +7,22 @@ without bound: the in-memory backend keeps at most
 and a client that comes back to a channel whose history went gets
 ``recovered: false`` under a new epoch, never a wrong replay. A real
 gunicorn gevent worker, its RSS read from ``/proc``, an honest client
-timing ``@ping`` beside the flood.
+timing ``@ping`` beside the flood. With Redis, what bounds the history is
+Redis's own ``maxmemory``: a real redis-server shows it.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 
+import pytest
 import requests
 from websockets.sync.client import connect
 
 from flask_robe_sockets.backends.memory import CHANNEL_BYTES
 
 from .attack import CpuMeter, Honest, rss_bytes, worker_pid
+from .servers import RedisServer
 
 MAX_BYTES = 2 * 1024 * 1024
 #: Distinct channels the flood publishes to: with about 2.3 KB each
@@ -120,3 +123,50 @@ def test_history_of_channels_nobody_reads_stays_bounded(make_server):
         requests.post(f"{srv.url}/broadcast/jobs:kept/news", json={"n": 4}, timeout=5).raise_for_status()
         live = json.loads(back.recv(timeout=5))
         assert (live["event"], live["data"], live["seq"]) == ("news", {"n": 4}, 2)
+
+
+@pytest.mark.redis
+def test_redis_maxmemory_with_volatile_lru_bounds_history_under_a_new_epoch():
+    """With Redis, one broadcast costs a channel about 4.5 KiB; maxmemory with volatile-lru
+    bounds a flood of channels, and a client of an evicted one gets recovered: false."""
+    import redis
+
+    from flask_robe_sockets.backends.redis import RedisBackend
+
+    redis_server = RedisServer()
+    backend = RedisBackend(redis_server.url)
+    admin = redis.Redis.from_url(redis_server.url)
+    try:
+        backend.publish("kept", "news", 1)
+        backend.publish("kept", "news", 2)
+        seen = backend.recover("kept", 1, None)
+        assert (seen.recovered, seen.seq) == (True, 2)
+
+        before = admin.info("memory")["used_memory"]
+        for n in range(2_000):
+            backend.publish(f"user:probe{n:06d}", "mention", {"text": "hi"})
+        per_channel = (admin.info("memory")["used_memory"] - before) / 2_000
+        # The number README.md and the backend's docstring give.
+        assert 3_000 < per_channel < 6_000, per_channel
+
+        limit = admin.info("memory")["used_memory"] + 8 * 2**20
+        admin.config_set("maxmemory", limit)
+        admin.config_set("maxmemory-policy", "volatile-lru")
+        for n in range(10_000):  # some 45 MB unbounded: every publish still goes through
+            backend.publish(f"user:flood{n:06d}", "mention", {"text": "hi"})
+        memory = admin.info("memory")
+        print(f"{per_channel:.0f} B per channel; used {memory['used_memory'] / 2**20:.1f} MiB"
+              f" of maxmemory {limit / 2**20:.1f} MiB, {admin.info('stats')['evicted_keys']} keys evicted")
+        assert memory["used_memory"] <= limit * 1.05
+        assert admin.info("stats")["evicted_keys"] > 0
+
+        answer = backend.recover("kept", 2, seen.epoch)
+        assert answer.recovered is False and answer.frames == []
+        backend.publish("kept", "news", 3)
+        answer = backend.recover("kept", 2, seen.epoch)
+        # Its keys went first (least recently used): a new epoch, seq again from 1.
+        assert answer.recovered is False and (answer.epoch, answer.seq) != (seen.epoch, 3)
+    finally:
+        backend.close()
+        admin.close()
+        redis_server.stop()
