@@ -207,3 +207,33 @@ def test_timer_holds_no_backend_alive():
     del backend
     gc.collect()
     assert ref() is None
+
+
+def test_threads_publishing_while_the_timer_sweeps_keep_exact_counts():
+    """Under flask run's threads (and the timer's), seq stays unique and the bytes balance to 0."""
+    import sys
+    import threading
+
+    from .servers import wait_until
+
+    backend = started(history_ttl=0.05, history_max_bytes=50_000)
+    seqs: list[int] = []
+
+    def publisher(k: int) -> None:
+        for i in range(3_000):
+            seqs.append(backend.publish("shared", "e", i))
+            backend.publish(f"own:{k}:{i}", "e", i)
+
+    threads = [threading.Thread(target=publisher, args=(k,)) for k in range(4)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # threads switch often, as races need
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        sys.setswitchinterval(interval)
+    assert sorted(seqs) == list(range(1, 12_001))
+    wait_until(lambda: backend.histories == 0, 10, 0.05, "the sweep")
+    assert backend.history_bytes == 0

@@ -107,20 +107,20 @@ class MemoryBackend(Backend):
         use, and a broadcast stays recoverable (300).
     :param history_max_bytes: estimated bytes of history kept over all
         channels (64 MiB); the least recently used histories are dropped
-        past it. Each channel costs about 1 KiB besides its broadcasts, so
-        the default holds some 50,000 channels with one small broadcast, or
-        a few hundred with a full history.
+        past it (``None``: no bound). Each channel costs about 1 KiB besides
+        its broadcasts, so the default holds some 50,000 channels with one
+        small broadcast, or some 2,000 with 100 broadcasts of 150 B.
     """
 
     def __init__(
         self,
         history_size: int = 100,
         history_ttl: float = 300,
-        history_max_bytes: int = 64 * 1024 * 1024,
+        history_max_bytes: int | None = 64 * 1024 * 1024,
     ) -> None:
         self.history_size = history_size
         self.history_ttl = history_ttl
-        self.history_max_bytes = history_max_bytes
+        self.history_max_bytes = float("inf") if history_max_bytes is None else history_max_bytes
         #: Every history, by channel name.
         self._histories: dict[str, _History] = {}
         #: The histories that can be dropped, least recently used first:
@@ -456,6 +456,9 @@ class _Process:
                 return  # forked: the child starts a timer of its own
             with self._lock:
                 backends = list(self._backends)
+                if not backends:  # all closed or collected: the next use starts another
+                    self._timer = False
+                    return
             for backend in backends:
                 try:
                     backend.sweep()
