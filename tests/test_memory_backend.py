@@ -1,6 +1,8 @@
 """The in-memory backend's numbering, history and epochs, without sockets."""
 import json
 
+import pytest
+
 from flask_robe_sockets.backends.memory import MemoryBackend
 
 
@@ -237,3 +239,20 @@ def test_threads_publishing_while_the_timer_sweeps_keep_exact_counts():
     assert sorted(seqs) == list(range(1, 12_001))
     wait_until(lambda: backend.histories == 0, 10, 0.05, "the sweep")
     assert backend.history_bytes == 0
+
+
+@pytest.mark.parametrize("patched", [False, True], ids=["threads", "gevent"])
+def test_timer_never_keeps_a_process_alive(patched):
+    """A script that used the backend exits at once, its sweeper (thread or greenlet) running."""
+    import subprocess
+    import sys
+
+    script = (
+        ("from gevent import monkey; monkey.patch_all()\n" if patched else "")
+        + "from flask_robe_sockets.backends import memory\n"
+        "backend = memory.MemoryBackend(); backend.start(lambda *a: None)\n"
+        "backend.publish('a', 'e', 1); backend.claim_nonce('n', 30)\n"
+        "assert memory._process._timer\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], timeout=20, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
