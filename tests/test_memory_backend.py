@@ -256,3 +256,30 @@ def test_timer_never_keeps_a_process_alive(patched):
     )
     done = subprocess.run([sys.executable, "-c", script], timeout=20, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_forked_worker_numbers_under_epochs_of_its_own():
+    """A backend made before a fork (gunicorn --preload) starts afresh in each child, in a new epoch."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, sys\n"
+        "from flask_robe_sockets.backends.memory import MemoryBackend\n"
+        "backend = MemoryBackend(); backend.start(lambda *a: None)\n"
+        "epochs = []\n"
+        "for _ in range(2):\n"  # two workers one after the other, as after a restart
+        "    read, write = os.pipe()\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        seq = backend.publish('chat', 'e', 1)\n"
+        "        os.write(write, f\"{seq} {backend.recover('chat', None, None).epoch}\".encode())\n"
+        "        os._exit(0)\n"
+        "    os.close(write); epochs.append(os.read(read, 100).decode()); os.waitpid(pid, 0)\n"
+        "print(*epochs, sep='\\n')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], timeout=20, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    first, second = [line.split() for line in done.stdout.splitlines()]
+    assert first[0] == second[0] == "1"
+    assert first[1] != second[1]

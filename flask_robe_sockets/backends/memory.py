@@ -146,9 +146,10 @@ class MemoryBackend(Backend):
         # timer thread (or, under ``flask run``, request threads) must not
         # see the dicts half changed. Made again after a fork.
         self._lock = threading.Lock()
-        #: The PID this backend last started its timer in (0: none yet).
+        #: The PID this backend last started its timer in (0: none yet), and
+        #: the one it was made in.
         self._pid = 0
-        self._closed = False
+        self._origin = os.getpid()
 
     @property
     def histories(self) -> int:
@@ -175,10 +176,26 @@ class MemoryBackend(Backend):
                 # Used before a fork: the lock copied with it may be held by
                 # a thread that does not exist in this process.
                 self._lock = threading.Lock()
+            if self._origin != _pid:
+                self._start_afresh()
             self._pid = _pid
             _process.watch(self)
         if serving:
             _process.register()
+
+    def _start_afresh(self) -> None:
+        """In a process forked from the one that made this backend (gunicorn's
+        ``--preload``): nothing of the parent's counts here, and the epochs
+        are this process's own. With the parent's token, a worker the master
+        started again would reuse its predecessor's epochs, and a client of
+        the old worker would be sent the new one's broadcasts as a replay."""
+        self._histories.clear()
+        self._lru.clear()
+        self._bytes = 0
+        self._nonces.clear()
+        self._token = secrets.token_urlsafe(6)
+        self._generation = 0
+        self._epoch = f"{self._token}.0"
 
     # -- histories -------------------------------------------------------
 
@@ -333,7 +350,6 @@ class MemoryBackend(Backend):
             self._expire_nonces(now)
 
     def close(self) -> None:
-        self._closed = True
         _process.forget(self)
 
 
