@@ -370,9 +370,9 @@ def test_browser_client_retries_a_handshake_at_the_identity_cap(make_server, pag
     page.goto(f"{srv.url}/stats")
     with opened(srv, srv.ticket()):  # "anonymous", as the page is
         page.evaluate("""() => {
+          window.errors = [];
           window.connecting = (async () => {
             const { Client } = await import("/ops/client.js");
-            window.errors = [];
             const client = new Client({ reconnectDelay: 50, maxReconnectDelay: 400 });
             client.on("error", (e) => window.errors.push(e.code));
             await new Promise((resolve) => client.on("connect", resolve));
