@@ -69,6 +69,34 @@ def _mask(payload: bytes, key: bytes) -> bytes:
     return value.to_bytes(len(payload), "big")
 
 
+def _payload_length(buffer: bytes) -> int:
+    length = buffer[1] & 0x7F
+    if length == 126:
+        return struct.unpack("!H", buffer[2:4])[0]
+    if length == 127:
+        return struct.unpack("!Q", buffer[2:10])[0]
+    return length
+
+
+def _frame_size(buffer: bytes) -> int | None:
+    """Length of the (unmasked) server frame at the start of ``buffer``, once its header is there."""
+    if len(buffer) < 2:
+        return None
+    head = {126: 4, 127: 10}.get(buffer[1] & 0x7F, 2)
+    if len(buffer) < head:
+        return None
+    return head + _payload_length(buffer)
+
+
+def repeat_frames(frame: bytes, size: int) -> bytes:
+    """``frame`` repeated to about ``size`` bytes: a buffer a flood sends over and over.
+
+    Whole frames only, so that sending it in a loop from any offset it
+    wrapped at keeps the stream made of the same frame.
+    """
+    return frame * max(1, size // len(frame))
+
+
 class RawWebSocket:
     """A client socket speaking the WebSocket framing by hand.
 
@@ -145,6 +173,10 @@ class RawWebSocket:
     def send_json(self, value) -> None:
         self.send_text(json.dumps(value))
 
+    def send_raw(self, data: bytes) -> None:
+        """Bytes as they are, e.g. many frames built beforehand."""
+        self.sock.sendall(data)
+
     def send_close(self, code: int = 1000) -> None:
         self.send_frame(CLOSE, struct.pack("!H", code))
 
@@ -163,20 +195,48 @@ class RawWebSocket:
     def recv_frame(self, timeout: float | None = 5.0) -> ServerFrame:
         """The next frame from the server, whatever its kind."""
         self.sock.settimeout(timeout)
-        self._need(2)
+        while True:
+            size = _frame_size(self.buffer)
+            if size is not None and len(self.buffer) >= size:
+                return self._pop(size)
+            self._fill()
+
+    def pop_frame(self) -> ServerFrame | None:
+        """The next frame already read (see :meth:`read_ready`), or None."""
+        size = _frame_size(self.buffer)
+        if size is None or len(self.buffer) < size:
+            return None
+        return self._pop(size)
+
+    def read_ready(self, limit: int = 1 << 20) -> bool:
+        """Read what the socket holds now, without waiting; False at its end.
+
+        For a test that floods and reads in one loop; :meth:`pop_frame`
+        then returns the frames. A reset counts as the end.
+        """
+        timeout = self.sock.gettimeout()
+        self.sock.setblocking(False)
+        try:
+            while limit > 0:
+                data = self.sock.recv(65536)
+                if not data:
+                    return False
+                self.buffer += data
+                limit -= len(data)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            return False
+        finally:
+            self.sock.settimeout(timeout)
+        return True
+
+    def _pop(self, size: int) -> ServerFrame:
         first, second = self.buffer[0], self.buffer[1]
         assert not second & 0x80, "server frames must not be masked"
-        length, offset = second & 0x7F, 2
-        if length == 126:
-            self._need(4)
-            length, offset = struct.unpack("!H", self.buffer[2:4])[0], 4
-        elif length == 127:
-            self._need(10)
-            length, offset = struct.unpack("!Q", self.buffer[2:10])[0], 10
-        self._need(offset + length)
-        payload = self.buffer[offset:offset + length]
-        self.buffer = self.buffer[offset + length:]
-        frame = ServerFrame(first & 0x0F, payload, bool(first & 0x80))
+        offset = size - _payload_length(self.buffer)
+        frame = ServerFrame(first & 0x0F, self.buffer[offset:size], bool(first & 0x80))
+        self.buffer = self.buffer[size:]
         if frame.opcode == CLOSE:
             self.closed_by_server = True
         return frame
