@@ -9,6 +9,7 @@ from .backends import Backend
 from .channels import Channel
 from .connection import Connection
 from .errors import (
+    BackendUnavailable,
     ConfigurationError,
     Forbidden,
     ProtocolError,
@@ -22,6 +23,7 @@ from .publisher import Publisher
 
 __all__ = [
     "Backend",
+    "BackendUnavailable",
     "Channel",
     "ConfigurationError",
     "Connection",

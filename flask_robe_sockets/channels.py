@@ -104,7 +104,7 @@ class Channel:
         ``send("message", text="hi")`` sends ``{"text": "hi"}``.
         Returns the broadcast's ``seq``.
 
-        :raises PublishError: the backend could not take the message.
+        :raises BackendUnavailable: the backend could not take the message.
         """
         if data is not None and fields:
             raise TypeError("pass data either positionally or as keyword arguments, not both")

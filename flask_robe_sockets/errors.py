@@ -6,7 +6,8 @@ The tree::
      +-- ConfigurationError   the app's setup cannot work (fix the config)
      +-- Forbidden            raised by a handler or hook to refuse a client
      +-- TicketError          a handshake ticket was refused (has .code)
-     +-- PublishError         the backend (Redis) could not be reached
+     +-- BackendUnavailable   the backend (Redis) could not be reached
+                              (also importable as PublishError, its old name)
      +-- ProtocolError        a client frame breaks the wire protocol (has .code)
 
 The client's own errors (``flask_robe_sockets.client``) derive from
@@ -49,14 +50,19 @@ class TicketError(RobeSocketsError):
         self.message = message
 
 
-class PublishError(RobeSocketsError):
+class BackendUnavailable(RobeSocketsError):
     """The backend could not be reached, e.g. Redis is down.
 
     Raised by ``send`` when the message was most likely not delivered: the
     backend refused it or could not be reached. When the connection broke
     after Redis took the message, it may have gone out all the same, so a
-    retry can deliver it twice.
+    retry can deliver it twice. Also raised inside the server when a ticket's
+    single use or a channel's history cannot be checked.
     """
+
+
+#: The first name of :class:`BackendUnavailable`, kept for existing code.
+PublishError = BackendUnavailable
 
 
 class ProtocolError(RobeSocketsError):

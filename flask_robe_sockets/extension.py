@@ -12,7 +12,7 @@ from flask import Flask, Response, current_app, jsonify, request, send_from_dire
 from . import config as config_module
 from .channels import Channel
 from .connection import Connection
-from .errors import ConfigurationError, PublishError, TicketError
+from .errors import ConfigurationError, BackendUnavailable, TicketError
 from .message import Message
 from .server import SocketServer
 
@@ -276,7 +276,7 @@ def _check_handshake(server: SocketServer) -> Any:
             identity = server.tickets.verify(ticket, request.remote_addr)
         except TicketError as exc:
             raise _Refused(401, exc.code) from None
-        except PublishError:
+        except BackendUnavailable:
             # The used-nonce store (Redis) is down: the ticket cannot be
             # checked for reuse. Not in PROTOCOL.md's table; the closest
             # reading is a retryable 503 with a JSON body like the others.

@@ -60,7 +60,7 @@ class Publisher:
     def send(self, channel: str, event: str, data: Any = None) -> int:
         """Broadcast ``event`` with ``data`` to ``channel``; returns its ``seq``.
 
-        :raises PublishError: the backend could not take the message.
+        :raises BackendUnavailable: the backend could not take the message.
         """
         return self[channel].send(event, data)
 

@@ -19,7 +19,7 @@ from flask import Flask
 from . import protocol
 from .backends import Backend, create_backend
 from .channels import Channel, Hub
-from .errors import Forbidden, ProtocolError, PublishError
+from .errors import Forbidden, ProtocolError, BackendUnavailable
 from .message import Message
 from .tickets import TicketRateLimit, TicketSigner, identity_key
 
@@ -264,7 +264,7 @@ class SocketServer:
             # Already a member: broadcasts keep arriving once, so nothing is
             # replayed; the client only gets its answer again.
             recovery = self.backend.recover(channel, None if rejoin else since, epoch)
-        except PublishError as exc:
+        except BackendUnavailable as exc:
             conn._channels.discard(channel)
             self.hub.leave(conn, channel)
             # No error code of PROTOCOL.md says "try again later", and an

@@ -21,3 +21,11 @@ def test_errors_share_one_base():
         value = getattr(flask_robe_sockets, name)
         if isinstance(value, type) and issubclass(value, Exception):
             assert issubclass(value, base), name
+
+
+def test_publish_error_is_the_old_name_of_backend_unavailable():
+    """Code written against PublishError still catches what the backend raises."""
+    assert flask_robe_sockets.PublishError is flask_robe_sockets.BackendUnavailable
+    from flask_robe_sockets.errors import PublishError
+
+    assert PublishError is flask_robe_sockets.BackendUnavailable

@@ -37,7 +37,7 @@ class Backend:
     def publish(self, channel: str, event: str, data: Any) -> int:
         """Broadcast to every worker; return the message's ``seq``.
 
-        :raises PublishError: when the message could not be handed over.
+        :raises BackendUnavailable: when the message could not be handed over.
         """
         raise NotImplementedError
 

@@ -26,7 +26,7 @@ more until the ticket expires (from the IP it was issued to): nonces are
 never older than the ticket lifetime, younger than the idle channels LRU
 takes first. ``volatile-ttl`` evicts the nonces first (theirs is the
 shortest TTL): do not use it. ``noeviction`` keeps tickets single-use, but
-once Redis is full every publish fails with ``PublishError`` and every
+once Redis is full every publish fails with ``BackendUnavailable`` and every
 handshake gets 503.
 
 A broadcast is one Lua script (``PUBLISH_SCRIPT``): the next ``seq``, the
@@ -66,7 +66,7 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 from .. import protocol
-from ..errors import PublishError
+from ..errors import BackendUnavailable
 from .base import Backend, Deliver, Recovery
 
 log = logging.getLogger("flask_robe_sockets")
@@ -233,7 +233,7 @@ class RedisBackend(Backend):
         try:
             return self._publish(keys=self._keys(channel), args=args)
         except redis.RedisError as exc:
-            raise PublishError(
+            raise BackendUnavailable(
                 f"could not send {event!r} to channel {channel!r}: Redis at {self._where()}"
                 f" did not take it ({exc}). It was most likely not delivered: send it again once"
                 " Redis is back."
@@ -253,7 +253,7 @@ class RedisBackend(Backend):
         subscription = self._subscriptions.get(channel)
         if subscription is not None and not subscription.ready.is_set():
             if self._failures or not subscription.ready.wait(self.timeout):
-                raise PublishError(f"Redis at {self._where()} is unreachable: cannot join {channel!r}")
+                raise BackendUnavailable(f"Redis at {self._where()} is unreachable: cannot join {channel!r}")
         answer = self._read_history(channel, since, epoch)
         if subscription is not None:
             self._barrier(channel)
@@ -269,7 +269,7 @@ class RedisBackend(Backend):
         try:
             current, seq, flat = self._recover(keys=self._keys(channel), args=args)
         except redis.RedisError as exc:
-            raise PublishError(f"could not read the history of {channel!r} from Redis: {exc}") from exc
+            raise BackendUnavailable(f"could not read the history of {channel!r} from Redis: {exc}") from exc
         answer = Recovery(False, seq, current.decode())
         if since is None or since > seq or (epoch is not None and epoch != answer.epoch):
             return answer
@@ -290,11 +290,11 @@ class RedisBackend(Backend):
         try:
             with self._write_lock:
                 if self._conn is None:
-                    raise PublishError(f"Redis at {self._where()} is unreachable: cannot join {channel!r}")
+                    raise BackendUnavailable(f"Redis at {self._where()} is unreachable: cannot join {channel!r}")
                 self._conn.send_command("PING", token, check_health=False)
             done.get(timeout=self.timeout)
         except (redis.RedisError, gevent.Timeout) as exc:
-            raise PublishError(
+            raise BackendUnavailable(
                 f"Redis at {self._where()} did not answer in time: cannot join {channel!r}"
             ) from exc
         finally:
@@ -304,7 +304,7 @@ class RedisBackend(Backend):
         try:
             return bool(self.redis.set(f"robe:nonce:{nonce}", 1, nx=True, px=max(1, int(ttl * 1000))))
         except redis.RedisError as exc:
-            raise PublishError(f"could not check the ticket with Redis at {self._where()}: {exc}") from exc
+            raise BackendUnavailable(f"could not check the ticket with Redis at {self._where()}: {exc}") from exc
 
     # -- this worker's subscriptions ------------------------------------
 
@@ -471,7 +471,7 @@ class RedisBackend(Backend):
                     # broadcasts up to the old seq would be taken for repeats.
                     log.warning("seq of %r went back from %d to %d", channel, subscription.last, recovery.seq)
                     subscription.last = recovery.seq
-            except PublishError as exc:
+            except BackendUnavailable as exc:
                 log.warning("cannot read what %r missed while Redis was unreachable: %s", channel, exc)
                 continue
             if not recovery.recovered:
