@@ -13,7 +13,7 @@ import gevent
 from gevent import monkey
 
 from . import protocol
-from .frames import valid_close_code
+from .frames import PING_FRAME, PONG, close_frame, valid_close_code, ws_frame
 from .ratelimit import RateLimiter
 from .websocket import ServerSocket
 
@@ -166,7 +166,7 @@ class Connection:
         self, event: str, data: Any = None, channel: str | None = None, ref: Any = None
     ) -> None:
         """Queue one frame of the protocol's own (``@reply``, ``@error``...) for this client."""
-        self.push(protocol.ws_frame(protocol.encode(event, data, channel, ref)))
+        self.push(ws_frame(protocol.encode(event, data, channel, ref)))
 
     def close(self, code: int = protocol.CLOSE_NORMAL, reason: str = "") -> None:
         """Close the connection: queued messages are written, then the close frame.
@@ -182,7 +182,7 @@ class Connection:
         if self._close_code is None:
             self._close_code, self._closed_by = code, "server"
         self._server.forget(self)
-        frame = protocol.close_frame(code, reason)
+        frame = close_frame(code, reason)
         self._queue.append(frame)
         self._queued_bytes += len(frame)
         if self._socket is not None:
@@ -310,7 +310,7 @@ class Connection:
             self._server.answer_error(self, "bad_frame", "binary frames are not supported")
 
     def on_ping(self, payload: bytes) -> None:
-        self.push(protocol.ws_frame(payload, opcode=0xA))
+        self.push(ws_frame(payload, PONG))
 
     def on_close(self, code: int) -> None:
         if self._close_code is None:
@@ -385,8 +385,8 @@ class Connection:
                 now = time.monotonic()
                 if now - self._active >= ping_interval:
                     pinged_at = now
-                    queue.append(protocol.PING_FRAME)
-                    self._queued_bytes += len(protocol.PING_FRAME)
+                    queue.append(PING_FRAME)
+                    self._queued_bytes += len(PING_FRAME)
             self._wakeup.clear()
             while queue:
                 # Only what was taken is removed: under a threaded server

@@ -314,3 +314,34 @@ class FrameReader:
             raise FrameError(CLOSE_INVALID_DATA, "close reason is not UTF-8") from None
         self.listener.on_close(code)
         return False
+
+
+# -- server frames --------------------------------------------------------
+
+def ws_frame(payload: bytes, opcode: int = TEXT) -> bytes:
+    """Wrap ``payload`` in one unmasked, final WebSocket frame (RFC 6455).
+
+    Server frames are never masked, so the same bytes serve every
+    subscriber: a broadcast is framed once, not once per connection.
+    RSV1 stays 0, which RFC 7692 allows on compressed connections too.
+    """
+    length = len(payload)
+    if length < 126:
+        header = struct.pack("!BB", 0x80 | opcode, length)
+    elif length < 65536:
+        header = struct.pack("!BBH", 0x80 | opcode, 126, length)
+    else:
+        header = struct.pack("!BBQ", 0x80 | opcode, 127, length)
+    return header + payload
+
+
+def close_frame(code: int, reason: str = "") -> bytes:
+    """A ready-to-write close frame; the reason is cut to fit, on a character boundary."""
+    # A control frame holds 125 bytes; cutting inside a UTF-8 sequence would
+    # make the reason invalid, and the client fail the connection on it.
+    reason_bytes = reason.encode()[:123].decode(errors="ignore").encode()
+    return ws_frame(struct.pack("!H", code) + reason_bytes, opcode=CLOSE)
+
+
+#: A ping with no payload, as the server sends it to a silent client.
+PING_FRAME = ws_frame(b"", opcode=PING)

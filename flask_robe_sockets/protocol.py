@@ -1,15 +1,15 @@
 """The wire protocol, version 1, apart from any I/O.
 
-Parsing and validation of client frames, and encoding of server frames to
-JSON text and to ready-to-write WebSocket frames. Nothing here knows about
-sockets, gevent or Flask, so it is tested by feeding it strings.
+Parsing and validation of client frames' JSON, and encoding of server
+frames to JSON text (``frames.py`` wraps that text for the wire). Nothing
+here knows about sockets, gevent or Flask, so it is tested by feeding it
+strings.
 See PROTOCOL.md for the contract this module implements.
 """
 from __future__ import annotations
 
 import json
 import re
-import struct
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any
@@ -211,31 +211,3 @@ def encode(
 
 def error_payload(code: str, message: str) -> dict[str, str]:
     return {"code": code, "message": message}
-
-
-def ws_frame(payload: bytes, opcode: int = 0x1) -> bytes:
-    """Wrap ``payload`` in one unmasked, final WebSocket frame (RFC 6455).
-
-    Server frames are never masked, so the same bytes serve every
-    subscriber: a broadcast is framed once, not once per connection.
-    RSV1 stays 0, which RFC 7692 allows on compressed connections too.
-    """
-    length = len(payload)
-    if length < 126:
-        header = struct.pack("!BB", 0x80 | opcode, length)
-    elif length < 65536:
-        header = struct.pack("!BBH", 0x80 | opcode, 126, length)
-    else:
-        header = struct.pack("!BBQ", 0x80 | opcode, 127, length)
-    return header + payload
-
-
-def close_frame(code: int, reason: str = "") -> bytes:
-    """A ready-to-write close frame; the reason is cut to fit, on a character boundary."""
-    # A control frame holds 125 bytes; cutting inside a UTF-8 sequence would
-    # make the reason invalid, and the client fail the connection on it.
-    reason_bytes = reason.encode()[:123].decode(errors="ignore").encode()
-    return ws_frame(struct.pack("!H", code) + reason_bytes, opcode=0x8)
-
-
-PING_FRAME = ws_frame(b"", opcode=0x9)

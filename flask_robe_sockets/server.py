@@ -17,6 +17,7 @@ import gevent
 from flask import Flask
 
 from . import protocol
+from .frames import ws_frame
 from .backends import Backend, create_backend
 from .channels import Channel, Hub
 from .errors import Forbidden, ProtocolError, BackendUnavailable
@@ -319,7 +320,7 @@ class SocketServer:
             self.answer_error(conn, "handler_error", "the handler failed", ref, channel)
             return
         if reply is not None:
-            conn.push(protocol.ws_frame(reply))
+            conn.push(ws_frame(reply))
 
 
 def _give_back(counts: Counter, key: Any) -> None:

@@ -3,7 +3,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from flask_robe_sockets import protocol
+from flask_robe_sockets import frames, protocol
 from flask_robe_sockets.config import DEFAULTS
 from flask_robe_sockets.connection import Connection
 from flask_robe_sockets.frames import FrameReader
@@ -38,7 +38,7 @@ def connection(queue_size, room, queue_bytes=DEFAULTS["ROBE_SOCKETS_SEND_QUEUE_B
 
 
 def frame(n):
-    return protocol.ws_frame(b"%08d" % n)  # 10 bytes each
+    return frames.ws_frame(b"%08d" % n)  # 10 bytes each
 
 
 def test_partly_written_queue_still_counts_messages():
@@ -55,7 +55,7 @@ def test_partly_written_queue_still_counts_messages():
     conn.push(frame(5))  # a fifth message waiting: over the limit of 4
     assert not conn.open
     # The half-written frame is finished, then the close frame: no garbage.
-    assert conn._queue == [frame(1)[5:], protocol.close_frame(4008, "send queue overflow")]
+    assert conn._queue == [frame(1)[5:], frames.close_frame(4008, "send queue overflow")]
 
 
 def test_rest_of_a_frame_cut_twice_is_kept_on_overflow():
@@ -79,25 +79,25 @@ def test_close_refuses_codes_that_may_not_be_sent():
             conn.close(code)
     assert conn.open
     conn.close(4001, "bye")
-    assert not conn.open and conn._queue == [protocol.close_frame(4001, "bye")]
+    assert not conn.open and conn._queue == [frames.close_frame(4001, "bye")]
 
 
 def test_queue_is_bounded_in_bytes_too():
     """A few large messages overflow the byte budget long before the message count: 4008."""
     conn, sock = connection(queue_size=100, room=0, queue_bytes=1000)
-    big = protocol.ws_frame(b"x" * 300)
+    big = frames.ws_frame(b"x" * 300)
     for _ in range(3):
         conn.push(big)
     assert conn.open and conn._queued_bytes == 3 * len(big)
     conn.push(big)  # 1,212 bytes waiting: over 1,000
     assert not conn.open
-    assert conn._queue == [protocol.close_frame(4008, "send queue overflow")]
+    assert conn._queue == [frames.close_frame(4008, "send queue overflow")]
 
 
 def test_a_frame_larger_than_the_byte_budget_goes_to_an_idle_client():
     """One message larger than the whole budget is still sent when nothing else waits."""
     conn, sock = connection(queue_size=100, room=10_000, queue_bytes=100)
-    big = protocol.ws_frame(b"x" * 500)
+    big = frames.ws_frame(b"x" * 500)
     conn.push(big)
     assert conn.open
     conn._flush()

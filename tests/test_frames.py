@@ -1,651 +1,306 @@
-"""PROTOCOL.md sections 3 to 6 against a live gunicorn gevent server.
-
-The peer is the ``websockets`` library, which the project did not write, so
-what is checked is the wire, not our own client's reading of it. Every
-answer the protocol names is asserted whole; a "fence" (a ``@ping`` with a
-fresh ref) proves that nothing else was sent before it.
-"""
+"""The client frame reader, fed bytes (RFC 6455 section 5)."""
 from __future__ import annotations
 
-import itertools
-import json
-import uuid
-from concurrent.futures import ThreadPoolExecutor
+import struct
 
 import pytest
-import requests
-from websockets.exceptions import ConnectionClosedError
 
-from .servers import Gunicorn
+from flask_robe_sockets.frames import (
+    CLOSE,
+    CLOSING,
+    CONTINUATION,
+    DRAINING,
+    PING,
+    PONG,
+    TEXT,
+    FrameError,
+    PING_FRAME,
+    FrameReader,
+    close_frame,
+    unmask,
+    ws_frame,
+)
 
-_refs = itertools.count(1_000_000)
-
-
-@pytest.fixture(scope="module")
-def small():
-    """A server allowing 3 subscriptions, with long histories and send queues."""
-    srv = Gunicorn({
-        "ROBE_SOCKETS_MAX_SUBSCRIPTIONS": 3,
-        "ROBE_SOCKETS_HISTORY_SIZE": 5000,
-        "ROBE_SOCKETS_SEND_QUEUE_SIZE": 10000,
-    })
-    yield srv
-    srv.stop()
-
-
-def send(ws, **fields) -> None:
-    ws.send(json.dumps(fields))
+from .rawws import BINARY, build_frame
 
 
-def recv(ws) -> dict:
-    return json.loads(ws.recv(timeout=5))
+class Recorder:
+    """A listener that writes down every call; ``budget`` frames are allowed."""
+
+    def __init__(self, budget: int = 10**9) -> None:
+        self.budget = budget
+        self.calls: list[tuple] = []
+        self.charged: list[int] = []
+
+    def on_frame(self, size):
+        self.charged.append(size)
+        self.budget -= 1
+        return self.budget >= 0
+
+    def on_refused(self, text):
+        self.calls.append(("refused", text))
+
+    def on_text(self, text):
+        self.calls.append(("text", text))
+
+    def on_binary(self):
+        self.calls.append(("binary",))
+
+    def on_ping(self, payload):
+        self.calls.append(("ping", payload))
+
+    def on_close(self, code):
+        self.calls.append(("close", code))
 
 
-def fence(ws) -> list[dict]:
-    """Every frame the server sends before the answer to a fresh ``@ping``."""
-    ref = f"fence-{next(_refs)}"
-    send(ws, event="@ping", ref=ref)
-    frames = []
-    while True:
-        frame = recv(ws)
-        if frame == {"event": "@pong", "data": None, "ref": ref}:
-            return frames
-        frames.append(frame)
+def reader(budget=10**9, max_size=1000, max_fragments=4):
+    listener = Recorder(budget)
+    return FrameReader(listener, max_size, max_fragments), listener
 
 
-def ask(ws, **fields) -> dict:
-    """Send a frame and return the one answer to it, checking nothing else came."""
-    send(ws, **fields)
-    answer = recv(ws)
-    assert fence(ws) == []
-    return answer
+def test_unmask_round_trips():
+    """Unmasking is XOR with the key repeated, for any length."""
+    key = b"\x01\x02\x03\x04"
+    for size in (0, 1, 3, 4, 5, 1000):
+        data = bytes(range(256)) * 4
+        data = data[:size]
+        masked = unmask(data, key)
+        assert unmask(masked, key) == data
+        assert all(masked[i] == data[i] ^ key[i % 4] for i in range(size))
 
 
-def error(answer: dict) -> tuple[str, dict]:
-    """The code of an ``@error``, and the frame without its data."""
-    assert answer["event"] == "@error", answer
-    data = answer["data"]
-    assert set(data) == {"code", "message"} and isinstance(data["message"], str) and data["message"]
-    return data["code"], {k: v for k, v in answer.items() if k != "data"}
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 999, 1000])
+def test_whole_text_frames_in_every_header_form(size):
+    """A whole text frame is handed over as text and charged its full size."""
+    frames, listener = reader()
+    frame = build_frame(TEXT, b"a" * size)
+    assert frames.feed(frame)
+    assert listener.calls == [("text", "a" * size)]
+    assert listener.charged == [len(frame)]
 
 
-def unique_channel() -> str:
-    return f"t:{uuid.uuid4().hex[:12]}"
+def test_frames_split_at_every_byte_are_read_once():
+    """A stream cut into one-byte reads gives the same messages, each charged once."""
+    stream = build_frame(TEXT, "héllo".encode()) + build_frame(PING, b"p") + build_frame(TEXT, b"x" * 300)
+    frames, listener = reader()
+    for i in range(len(stream)):
+        frames.feed(stream[i : i + 1])
+    assert listener.calls == [("text", "héllo"), ("ping", b"p"), ("text", "x" * 300)]
+    assert len(listener.charged) == 3
 
 
-def broadcast(srv, channel: str, event: str = "news", data=None) -> int:
-    response = requests.post(
-        f"{srv.url}/broadcast/{channel}/{event}",
-        data=json.dumps(data), headers={"Content-Type": "application/json"}, timeout=5,
+def test_fragmented_text_is_joined():
+    """Fragments make one message; a character split between them survives."""
+    data = "é€😀".encode()
+    frames, listener = reader()
+    frames.feed(
+        build_frame(TEXT, data[:1], fin=False)
+        + build_frame(PING, b"between")
+        + build_frame(CONTINUATION, data[1:5], fin=False)
+        + build_frame(CONTINUATION, data[5:], fin=True)
     )
-    response.raise_for_status()
-    return response.json()["seq"]
+    assert listener.calls == [("ping", b"between"), ("text", "é€😀")]
+    assert len(listener.charged) == 4
 
 
-def subscribe(ws, channel: str, data=None, ref=None) -> dict:
-    fields = {"channel": channel, "event": "@subscribe", "ref": ref or next(_refs)}
-    if data is not None:
-        fields["data"] = data
-    send(ws, **fields)
-    answer = recv(ws)
-    assert answer["event"] == "@subscribed", answer
-    assert (answer["channel"], answer["ref"]) == (channel, fields["ref"])
-    return answer
+def test_binary_messages_are_reported_not_kept():
+    frames, listener = reader()
+    frames.feed(build_frame(BINARY, b"\x00" * 10, fin=False) + build_frame(CONTINUATION, b"\x01"))
+    assert listener.calls == [("binary",)]
 
 
-# -- section 3: broken frames ------------------------------------------
+@pytest.mark.parametrize("extra, fails", [(0, False), (1, True)])
+def test_fragments_per_message_are_bounded(extra, fails):
+    """At most max_fragments frames per message, empty ones included: then 1009."""
+    frames, listener = reader(max_fragments=4)
+    stream = build_frame(TEXT, b"a", fin=False)
+    stream += build_frame(CONTINUATION, b"", fin=False) * (2 + extra)
+    stream += build_frame(CONTINUATION, b"b")
+    if fails:
+        with pytest.raises(FrameError) as info:
+            frames.feed(stream)
+        assert info.value.code == 1009
+        assert frames.mode is DRAINING
+    else:
+        frames.feed(stream)
+        assert listener.calls == [("text", "ab")]
+
+
+def test_oversize_is_refused_from_the_header():
+    """A frame longer than the limit fails with 1009 before its payload arrives."""
+    frames, listener = reader(max_size=1000)
+    header = build_frame(TEXT, b"x" * 1001)[:8]
+    with pytest.raises(FrameError) as info:
+        frames.feed(header)
+    assert info.value.code == 1009
+    assert listener.charged == []
+
+
+def test_fragments_adding_past_the_limit_fail():
+    frames, _ = reader(max_size=1000)
+    with pytest.raises(FrameError) as info:
+        frames.feed(build_frame(TEXT, b"x" * 600, fin=False) + build_frame(CONTINUATION, b"y" * 401))
+    assert info.value.code == 1009
+
+
+def test_invalid_utf8_fails_at_the_fragment_that_breaks_it():
+    """Bad UTF-8 in a first fragment fails at once (1007), before the message ends."""
+    frames, _ = reader()
+    with pytest.raises(FrameError) as info:
+        frames.feed(build_frame(TEXT, b"ok\xff", fin=False))
+    assert info.value.code == 1007
+
+
+def test_truncated_utf8_at_the_end_of_a_message_fails():
+    frames, _ = reader()
+    with pytest.raises(FrameError) as info:
+        frames.feed(build_frame(TEXT, b"ok", fin=False) + build_frame(CONTINUATION, "é".encode()[:1]))
+    assert info.value.code == 1007
 
 
 @pytest.mark.parametrize(
-    "text",
-    ["hello", "", "{", "[]", '["chat"]', "42", "null", '"chat"', "{'event': 'e'}"],
-)
-def test_not_json_or_not_an_object_is_bad_frame(ws_connect, text):
-    """Text that is not a JSON object gets ``bad_frame`` with neither ref nor channel."""
-    ws = ws_connect()
-    ws.send(text)
-    assert error(recv(ws)) == ("bad_frame", {"event": "@error"})
-    assert fence(ws) == []
-
-
-@pytest.mark.parametrize(
-    "fields, code, echoed",
+    "frame",
     [
-        # channel missing, on anything but @ping
-        ({"event": "echo", "ref": 1}, "bad_frame", {"ref": 1}),
-        ({"event": "@subscribe", "ref": "s"}, "bad_frame", {"ref": "s"}),
-        # channel not a string
-        ({"channel": 7, "event": "echo", "ref": 2}, "bad_frame", {"ref": 2}),
-        ({"channel": ["chat"], "event": "echo"}, "bad_frame", {}),
-        ({"channel": None, "event": "echo", "ref": 0}, "bad_frame", {"ref": 0}),
-        # event missing or not a string
-        ({"channel": "chat", "ref": 3}, "bad_frame", {"ref": 3, "channel": "chat"}),
-        ({"channel": "chat", "event": 5, "ref": 4}, "bad_frame", {"ref": 4, "channel": "chat"}),
-        ({"channel": "chat", "event": None}, "bad_frame", {"channel": "chat"}),
-        # ref neither a string nor an integer: true is not an integer
-        ({"channel": "chat", "event": "echo", "ref": True}, "bad_frame", {"channel": "chat"}),
-        ({"channel": "chat", "event": "echo", "ref": 1.5}, "bad_frame", {"channel": "chat"}),
-        ({"channel": "chat", "event": "echo", "ref": [1]}, "bad_frame", {"channel": "chat"}),
-        ({"event": "@ping", "ref": False}, "bad_frame", {}),
-        # channel breaks the name rule
-        ({"channel": "", "event": "echo", "ref": 5}, "bad_channel", {"ref": 5}),
-        ({"channel": "x" * 129, "event": "echo", "ref": 6}, "bad_channel", {"ref": 6}),
-        ({"channel": "chat room", "event": "@subscribe", "ref": 7}, "bad_channel", {"ref": 7}),
-        ({"channel": "chät", "event": "echo"}, "bad_channel", {}),
-        ({"channel": "a*", "event": "@ping", "ref": "p"}, "bad_channel", {"ref": "p"}),
-        # event breaks the name rule, or is reserved
-        ({"channel": "chat", "event": "", "ref": 8}, "bad_event", {"ref": 8, "channel": "chat"}),
-        ({"channel": "chat", "event": "e" * 65, "ref": 9}, "bad_event", {"ref": 9, "channel": "chat"}),
-        ({"channel": "chat", "event": "@connected", "ref": 10}, "bad_event", {"ref": 10, "channel": "chat"}),
-        ({"channel": "chat", "event": "@reply"}, "bad_event", {"channel": "chat"}),
-        ({"channel": "chat", "event": "@error", "ref": "e"}, "bad_event", {"ref": "e", "channel": "chat"}),
-        ({"channel": "chat", "event": "@pong", "ref": 11}, "bad_event", {"ref": 11, "channel": "chat"}),
-        ({"channel": "chat", "event": "@subscribed", "ref": 12}, "bad_event", {"ref": 12, "channel": "chat"}),
-        ({"channel": "chat", "event": "@"}, "bad_event", {"channel": "chat"}),
+        build_frame(TEXT, b"x", mask=False),
+        build_frame(TEXT, b"x", rsv=4),
+        build_frame(0x3, b""),
+        build_frame(0xB, b""),
+        build_frame(CONTINUATION, b"orphan"),
+        build_frame(PING, b"", fin=False),
+        build_frame(PING, b"x" * 126),
+        build_frame(CLOSE, b"\x03"),
+        build_frame(CLOSE, (999).to_bytes(2, "big")),
+        build_frame(CLOSE, (1005).to_bytes(2, "big")),
+        build_frame(CLOSE, (5000).to_bytes(2, "big")),
+        build_frame(TEXT, b"{", fin=False) + build_frame(TEXT, b"}"),
+    ],
+    ids=[
+        "unmasked", "rsv", "reserved-opcode", "reserved-control", "orphan-continuation",
+        "fragmented-ping", "long-ping", "one-byte-close", "close-999", "close-1005",
+        "close-5000", "text-inside-message",
     ],
 )
-def test_broken_frame_answers(ws_connect, fields, code, echoed):
-    """Each broken frame gets its code, with ``ref`` and ``channel`` exactly when usable."""
-    ws = ws_connect()
-    send(ws, **fields)
-    assert error(recv(ws)) == (code, {"event": "@error", **echoed})
-    assert fence(ws) == []
-
-
-def test_names_at_the_limits_are_accepted(ws_connect):
-    """A 128-character channel and a 64-character event are valid (no bad_channel/bad_event)."""
-    ws = ws_connect()
-    channel = "c" * 128
-    assert subscribe(ws, channel, ref=1)["data"]["recovered"] is False
-    answer = ask(ws, channel=channel, event="e" * 64, ref=2)
-    assert error(answer) == ("unknown_event", {"event": "@error", "channel": channel, "ref": 2})
-
-
-@pytest.mark.parametrize(
-    "data",
-    ["NaN", "Infinity", "-Infinity", "1e999", "9" * 4301, "[" * 65 + "]" * 65, '"\\udc00"'],
-    ids=["nan", "infinity", "-infinity", "1e999", "4301-digits", "65-deep", "lone-surrogate"],
-)
-def test_non_strict_json_is_bad_frame(ws_connect, data):
-    """NaN, infinities, huge numbers, 65 levels and lone surrogates are ``bad_frame``."""
-    ws = ws_connect()
-    ws.send('{"channel": "chat", "event": "echo", "ref": 1, "data": %s}' % data)
-    assert error(recv(ws)) == ("bad_frame", {"event": "@error"})
-    assert fence(ws) == []
-
-
-@pytest.mark.parametrize("fields", ['"event": "@ping"', '"event": "@ping", "channel": "\\udc00"'])
-def test_lone_surrogate_in_a_ping_is_bad_frame(ws_connect, fields):
-    """A ``@ping`` whose data holds a lone surrogate is ``bad_frame``, and the connection lives on."""
-    ws = ws_connect()
-    ws.send('{%s, "ref": "\\ud800", "data": ["\\ud800"]}' % fields)
-    assert error(recv(ws)) == ("bad_frame", {"event": "@error"})
-    assert fence(ws) == []
-
-
-def test_64_levels_of_nesting_are_accepted(ws_connect):
-    """A frame nested 64 levels deep (the object and 63 arrays) is handled."""
-    ws = ws_connect()
-    data = json.loads("[" + "[" * 62 + '"leaf"' + "]" * 62 + ", [], {}]")
-    ws.send(json.dumps({"channel": "chat", "event": "echo", "ref": 1, "data": data}))
-    assert recv(ws) == {"channel": "chat", "event": "@reply", "ref": 1, "data": {"echo": data}}
-
-
-def test_largest_numbers_and_unicode_round_trip(ws_connect):
-    """Numbers that fit a double and any Unicode text come back as sent."""
-    ws = ws_connect()
-    data = [int(1e308), -1.7976931348623157e308, 2**63, 5e-324, "é€\U0001f600", "\\ud800"]
-    assert ask(ws, channel="chat", event="echo", ref="u", data=data)["data"] == {"echo": data}
-
-
-def test_binary_frame_is_bad_frame(ws_connect):
-    """A binary frame gets ``bad_frame`` and the connection goes on."""
-    ws = ws_connect()
-    ws.send(json.dumps({"channel": "chat", "event": "echo", "ref": 1}).encode())
-    assert error(recv(ws)) == ("bad_frame", {"event": "@error"})
-    assert fence(ws) == []
-
-
-def test_invalid_utf8_text_closes_1007(ws_connect):
-    """A text frame that is not UTF-8 closes the connection with 1007."""
-    ws = ws_connect()
-    ws.send(b'{"channel": "chat", "event": "echo", "data": "\xff\xfe"}', text=True)
-    with pytest.raises(ConnectionClosedError) as info:
-        fence(ws)
-    assert info.value.rcvd is not None and info.value.rcvd.code == 1007
-
-
-def test_message_of_exactly_the_maximum_size_is_handled(ws_connect):
-    """A 64 KiB message (not larger than the maximum) is handled."""
-    ws = ws_connect()
-    head = '{"channel": "chat", "event": "echo", "ref": 1, "data": "'
-    text = head + "x" * (65536 - len(head) - 2) + '"}'
-    assert len(text.encode()) == 65536
-    ws.send(text)
-    assert recv(ws)["event"] == "@reply"
-
-
-@pytest.mark.parametrize("fragmented", [False, True], ids=["one-frame", "fragments"])
-def test_message_over_the_maximum_closes_1009(ws_connect, fragmented):
-    """A message over 64 KiB, in one frame or counted over its fragments, closes with 1009."""
-    ws = ws_connect()
-    head = '{"channel": "chat", "event": "echo", "ref": 1, "data": "'
-    text = head + "x" * (65537 - len(head) - 2) + '"}'
-    with pytest.raises(ConnectionClosedError) as info:
-        # websockets ends a fragmented message with an empty final fragment:
-        # the 1009 for the last data fragment may already be there to refuse it.
-        if fragmented:
-            ws.send([text[i:i + 20000] for i in range(0, len(text), 20000)])
-        else:
-            ws.send(text)
-        fence(ws)
-    assert info.value.rcvd is not None and info.value.rcvd.code == 1009
-
-
-@pytest.mark.parametrize(
-    "bad, code", [("x" * 70000, 1009), (b"\xff\xfe", 1007)], ids=["oversize", "not-utf8"]
-)
-def test_close_code_survives_frames_sent_after_the_bad_one(ws_connect, bad, code):
-    """A client still sending after its bad frame gets the close code, not a reset."""
-    for _ in range(6):  # without a lingering close, about half the tries lost the code
-        ws = ws_connect(close_timeout=2)
-        ws.send(bad, text=True)
-        with pytest.raises(ConnectionClosedError) as info:
-            for _ in range(50):
-                send(ws, event="@ping")
-            while True:
-                ws.recv(timeout=5)
-        assert info.value.rcvd is not None and info.value.rcvd.code == code
-
-
-def test_bad_frames_leave_the_connection_and_others_alone(ws_connect, server):
-    """A stream of bad frames neither closes that connection nor disturbs another one."""
-    channel = unique_channel()
-    honest, hostile = ws_connect(), ws_connect()
-    subscribe(honest, channel)
-    subscribe(hostile, channel)
-    for text in ["x", "[]", '{"event": 1}', '{"channel": "", "event": "e"}', '{"channel": "c", "event": "@x"}']:
-        hostile.send(text)
-        assert recv(hostile)["event"] == "@error"
-    hostile.send(b"\x00binary")
-    assert recv(hostile)["event"] == "@error"
-    seq = broadcast(server, channel, data={"n": 1})
-    expected = {"channel": channel, "event": "news", "data": {"n": 1}, "seq": seq}
-    assert recv(honest) == expected and recv(hostile) == expected
-    assert fence(honest) == [] and fence(hostile) == []
-
-
-# -- section 4: client to server ----------------------------------------
-
-
-def test_connected_is_the_first_frame(server):
-    """The first frame is ``@connected`` with the connection id and protocol 1, nothing else."""
-    from websockets.sync.client import connect
-
-    with connect(f"{server.ws_url}?ticket={server.ticket()}", open_timeout=5) as ws:
-        hello = recv(ws)
-        assert set(hello) == {"event", "data"} and hello["event"] == "@connected"
-        assert set(hello["data"]) == {"id", "protocol"} and hello["data"]["protocol"] == 1
-        assert isinstance(hello["data"]["id"], str) and hello["data"]["id"]
-        assert fence(ws) == []
-
-
-def test_subscribe_answer_shape(ws_connect, server):
-    """``@subscribed`` echoes channel and ref and has data ``{recovered, seq, epoch}``."""
-    ws = ws_connect()
-    channel = unique_channel()
-    answer = ask(ws, channel=channel, event="@subscribe", ref="sub-1")
-    assert set(answer) == {"channel", "event", "ref", "data"}
-    assert answer["ref"] == "sub-1" and answer["channel"] == channel
-    data = answer["data"]
-    assert set(data) == {"recovered", "seq", "epoch"}
-    assert data["recovered"] is False and data["seq"] == 0
-    assert isinstance(data["epoch"], str) and data["epoch"]
-
-
-def test_subscribe_without_ref_is_answered_without_ref(ws_connect):
-    """Answers carry a ref only when the request had one."""
-    ws = ws_connect()
-    answer = ask(ws, channel=unique_channel(), event="@subscribe")
-    assert answer["event"] == "@subscribed" and "ref" not in answer
-
-
-def test_subscribe_reports_the_channel_position(ws_connect, server):
-    """``@subscribed`` names the channel's last ``seq``."""
-    channel = unique_channel()
-    broadcast(server, channel)
-    last = broadcast(server, channel)
-    assert last == 2
-    assert subscribe(ws_connect(), channel)["data"]["seq"] == 2
-
-
-def test_double_subscribe_answers_again_and_delivers_once(ws_connect, server):
-    """Subscribing twice answers ``@subscribed`` again; broadcasts still arrive once."""
-    ws = ws_connect()
-    channel = unique_channel()
-    first = subscribe(ws, channel, ref=1)
-    second = subscribe(ws, channel, ref=2)
-    assert second["data"] == first["data"]
-    seq = broadcast(server, channel, data="once")
-    assert recv(ws) == {"channel": channel, "event": "news", "data": "once", "seq": seq}
-    assert fence(ws) == []
-
-
-def test_unsubscribe_stops_delivery(ws_connect, server):
-    """``@unsubscribed`` answers a leave, and broadcasts stop arriving."""
-    ws = ws_connect()
-    channel = unique_channel()
-    subscribe(ws, channel)
-    answer = ask(ws, channel=channel, event="@unsubscribe", ref=3)
-    assert answer == {"channel": channel, "event": "@unsubscribed", "data": None, "ref": 3}
-    broadcast(server, channel)
-    assert fence(ws) == []
-
-
-def test_unsubscribe_never_joined_still_answers(ws_connect):
-    """``@unsubscribe`` from a channel never joined answers ``@unsubscribed``."""
-    ws = ws_connect()
-    channel = unique_channel()
-    assert ask(ws, channel=channel, event="@unsubscribe", ref="u") == {
-        "channel": channel, "event": "@unsubscribed", "data": None, "ref": "u",
-    }
-    assert ask(ws, channel=channel, event="@unsubscribe") == {
-        "channel": channel, "event": "@unsubscribed", "data": None,
-    }
-
-
-def test_subscribe_forbidden_by_the_authorize_hook(ws_connect, server):
-    """A subscribe the hook refuses answers ``forbidden`` and joins nothing."""
-    ws = ws_connect()
-    answer = ask(ws, channel="closed", event="@subscribe", ref=1)
-    assert error(answer) == ("forbidden", {"event": "@error", "channel": "closed", "ref": 1})
-    broadcast(server, "closed")
-    assert fence(ws) == []
-
-
-@pytest.mark.parametrize(
-    "fields, expected",
-    [
-        ({"event": "@ping"}, {"event": "@pong", "data": None}),
-        ({"event": "@ping", "ref": 1}, {"event": "@pong", "data": None, "ref": 1}),
-        ({"event": "@ping", "ref": "p", "channel": "chat"}, {"event": "@pong", "data": None, "ref": "p", "channel": "chat"}),
-        ({"event": "@ping", "channel": "any/name"}, {"event": "@pong", "data": None, "channel": "any/name"}),
-    ],
-)
-def test_ping_is_answered_pong(ws_connect, fields, expected):
-    """``@ping`` answers ``@pong`` with its ref, and its channel when it had one."""
-    ws = ws_connect()
-    assert ask(ws, **fields) == expected
-
-
-def test_reply_carries_the_handler_result(ws_connect):
-    """An event with a ref gets one ``@reply`` with the handler's value; subscribing is not needed."""
-    ws = ws_connect()
-    assert ask(ws, channel="chat", event="echo", ref=7, data={"t": "hi"}) == {
-        "channel": "chat", "event": "@reply", "ref": 7, "data": {"echo": {"t": "hi"}},
-    }
-    assert ask(ws, channel="chat", event="echo", ref="s")["data"] == {"echo": None}
-
-
-def test_unknown_fields_are_ignored(ws_connect):
-    """Fields the protocol does not define (even ``seq``) change nothing in the answer."""
-    ws = ws_connect()
-    answer = ask(ws, channel="chat", event="echo", ref=3, data=1, seq=99, extra={"x": [1]}, id="z")
-    assert answer == {"channel": "chat", "event": "@reply", "ref": 3, "data": {"echo": 1}}
-
-
-def test_reply_is_the_first_non_null_return(ws_connect):
-    """With several handlers, ``@reply`` holds the first value that is not null."""
-    ws = ws_connect()
-    assert ask(ws, channel="chat", event="first", ref=1)["data"] == "second handler"
-
-
-def test_reply_is_null_when_every_handler_returns_none(ws_connect):
-    """Handlers that return nothing give ``@reply`` with data null."""
-    ws = ws_connect()
-    assert ask(ws, channel="chat", event="say", ref=2) == {
-        "channel": "chat", "event": "@reply", "ref": 2, "data": None,
-    }
-
-
-def test_handlers_run_in_registration_order(ws_connect):
-    """Handlers for one channel and event run in the order they were registered."""
-    ws = ws_connect()
-    assert ask(ws, channel="chat", event="order", ref=1)["data"] == ["a", "b", "c"]
-
-
-def test_successful_event_without_ref_is_not_answered(ws_connect):
-    """Without a ref only errors are answered: a handled event sends nothing back."""
-    ws = ws_connect()
-    send(ws, channel="chat", event="echo", data=1)
-    send(ws, channel="chat", event="first")
-    assert fence(ws) == []
-
-
-@pytest.mark.parametrize(
-    "event, ref",
-    [("boom", 9), ("boom", None), ("late_boom", "r"), ("late_boom", None), ("not_json", 9)],
-)
-def test_handler_error_hides_internals(ws_connect, event, ref):
-    """A raising handler, or a non-JSON reply, gets one ``handler_error`` and no internal detail."""
-    ws = ws_connect()
-    fields = {"channel": "chat", "event": event}
-    if ref is not None:
-        fields["ref"] = ref
-    send(ws, **fields)
-    answer = recv(ws)
-    code, rest = error(answer)
-    assert (code, rest) == ("handler_error", {"event": "@error", "channel": "chat", **({"ref": ref} if ref else {})})
-    text = json.dumps(answer)
-    for leak in ("internal detail", "Error", "Traceback", ".py", "set"):
-        assert leak not in text
-    assert fence(ws) == []
-    assert ask(ws, channel="chat", event="echo", ref=1)["event"] == "@reply"
-
-
-@pytest.mark.parametrize("event, message", [("deny", "no, you may not"), ("late_deny", "not after all")])
-def test_forbidden_raised_by_a_handler(ws_connect, event, message):
-    """A handler raising ``Forbidden`` gets one ``@error forbidden`` with its message."""
-    ws = ws_connect()
-    answer = ask(ws, channel="chat", event=event, ref="f")
-    assert answer == {
-        "channel": "chat", "event": "@error", "ref": "f",
-        "data": {"code": "forbidden", "message": message},
-    }
-
-
-@pytest.mark.parametrize("channel", ["closed", "user:somebody-else"])
-def test_event_forbidden_by_the_authorize_hook(ws_connect, channel):
-    """An event on a channel the hook refuses is ``forbidden``, whether or not it has handlers."""
-    ws = ws_connect()
-    for event in ("echo", "no-handler"):
-        answer = ask(ws, channel=channel, event=event, ref=1)
-        assert error(answer) == ("forbidden", {"event": "@error", "channel": channel, "ref": 1})
-
-
-def test_unknown_event_with_and_without_ref(ws_connect):
-    """An event with no handler is ``unknown_event``, answered even without a ref."""
-    ws = ws_connect()
-    answer = ask(ws, channel="chat", event="nobody-listens", ref=4)
-    assert error(answer) == ("unknown_event", {"event": "@error", "channel": "chat", "ref": 4})
-    answer = ask(ws, channel="elsewhere", event="echo")
-    assert error(answer) == ("unknown_event", {"event": "@error", "channel": "elsewhere"})
-
-
-def test_too_many_subscriptions(ws_connect, small):
-    """Past MAX_SUBSCRIPTIONS a subscribe is refused; joined ones still answer; leaving frees a place."""
-    ws = ws_connect(small)
-    names = [unique_channel() for _ in range(4)]
-    for name in names[:3]:
-        subscribe(ws, name)
-    answer = ask(ws, channel=names[3], event="@subscribe", ref="over")
-    assert error(answer) == (
-        "too_many_subscriptions", {"event": "@error", "channel": names[3], "ref": "over"},
+def test_rfc6455_violations_fail_with_1002(frame):
+    frames, listener = reader()
+    with pytest.raises(FrameError) as info:
+        frames.feed(frame)
+    assert info.value.code == 1002
+    assert frames.mode is DRAINING
+    assert not [call for call in listener.calls if call[0] == "text"]
+
+
+def test_close_reason_must_be_utf8():
+    frames, _ = reader()
+    with pytest.raises(FrameError) as info:
+        frames.feed(build_frame(CLOSE, (1000).to_bytes(2, "big") + b"\xff"))
+    assert info.value.code == 1007
+
+
+@pytest.mark.parametrize("payload, code", [(b"", 1005), ((1000).to_bytes(2, "big") + b"bye", 1000), ((4999).to_bytes(2, "big"), 4999)])
+def test_close_ends_the_stream(payload, code):
+    """The client's close frame is reported and nothing after it is read."""
+    frames, listener = reader()
+    assert frames.feed(build_frame(CLOSE, payload) + build_frame(TEXT, b"after")) is False
+    assert listener.calls == [("close", code)]
+
+
+def test_pongs_are_read_and_ignored():
+    frames, listener = reader()
+    frames.feed(build_frame(PONG, b"x") + build_frame(TEXT, b"t"))
+    assert listener.calls == [("text", "t")]
+    assert len(listener.charged) == 2
+
+
+def test_refused_frames_are_skipped_and_small_texts_named():
+    """Frames over the budget are skipped; a small whole text is given for its ref, others not."""
+    frames, listener = reader(budget=1, max_size=2000)
+    frames.feed(
+        build_frame(TEXT, b"first")
+        + build_frame(TEXT, b'{"ref": 7}')
+        + build_frame(TEXT, b"y" * 1025)
+        + build_frame(PING, b"p")
     )
-    broadcast(small, names[3])
-    assert fence(ws) == []
-    subscribe(ws, names[0])
-    ask(ws, channel=names[0], event="@unsubscribe")
-    subscribe(ws, names[3])
+    assert listener.calls == [("text", "first"), ("refused", '{"ref": 7}'), ("refused", None), ("refused", None)]
 
 
-# -- section 5: server to client ----------------------------------------
+def test_a_refused_fragment_drops_its_whole_message():
+    """Once a fragment is refused, the rest of its message is charged and skipped."""
+    frames, listener = reader(budget=0)
+    frames.feed(build_frame(TEXT, b"a", fin=False) + build_frame(CONTINUATION, b"b", fin=False))
+    listener.budget = 10
+    frames.feed(build_frame(CONTINUATION, b"c") + build_frame(TEXT, b"next"))
+    # Each refused frame is told; the allowed rest of the message is not.
+    assert listener.calls == [("refused", None), ("refused", None), ("text", "next")]
+    assert len(listener.charged) == 4
 
 
-@pytest.mark.parametrize(
-    "event, frame_channel", [("direct", None), ("direct_channel", "chat")]
-)
-def test_message_to_one_connection_has_no_seq(ws_connect, event, frame_channel):
-    """A message to one connection carries no ``seq`` (and a channel only when given)."""
-    ws = ws_connect()
-    send(ws, channel="chat", event=event, ref=1)
-    frames = [recv(ws), recv(ws)]
-    direct = next(f for f in frames if f["event"] == "direct")
-    conn_id = direct["data"]["to"]
-    expected = {"event": "direct", "data": {"to": conn_id}}
-    if frame_channel:
-        expected["channel"] = frame_channel
-    assert direct == expected
-    assert {"channel": "chat", "event": "@reply", "ref": 1, "data": None} in frames
-    assert fence(ws) == []
+def test_closing_skips_everything_but_the_close_frame():
+    """After our close frame, data and pings are skipped unread until the client's close."""
+    frames, listener = reader()
+    frames.close()
+    assert frames.mode is CLOSING
+    assert frames.feed(build_frame(TEXT, b"late") + build_frame(PING, b"p")) is True
+    assert frames.feed(build_frame(CLOSE, (1000).to_bytes(2, "big"))) is False
+    assert listener.calls == [("close", 1000)]
+    assert len(listener.charged) == 3
 
 
-def test_seq_grows_by_one_from_1(ws_connect, server):
-    """Broadcasts on a channel carry ``seq`` 1, 2, 3... in order, as the sender was told."""
-    ws = ws_connect()
-    channel = unique_channel()
-    assert subscribe(ws, channel)["data"]["seq"] == 0
-    sent = [broadcast(server, channel, data=i) for i in range(5)]
-    assert sent == [1, 2, 3, 4, 5]
-    got = [recv(ws) for _ in sent]
-    assert got == [{"channel": channel, "event": "news", "data": i, "seq": i + 1} for i in range(5)]
+def test_draining_reads_nothing():
+    """A drained reader neither parses nor charges what still arrives, even garbage."""
+    frames, listener = reader()
+    frames.drain()
+    assert frames.feed(b"\xff" * 10_000 + build_frame(TEXT, b"x")) is True
+    assert listener.calls == [] and listener.charged == []
 
 
-def test_seq_from_a_handler_broadcast(ws_connect):
-    """A broadcast made by a handler reaches the sender too, with the next ``seq``."""
-    ws = ws_connect()
-    seq = subscribe(ws, "chat")["data"]["seq"]
-    send(ws, channel="chat", event="say", data={"text": "hi"}, ref=1)
-    frames = [recv(ws), recv(ws)]
-    assert {"channel": "chat", "event": "said", "data": {"text": "hi"}, "seq": seq + 1} in frames
-    assert {"channel": "chat", "event": "@reply", "ref": 1, "data": None} in frames
+def test_buffer_never_holds_more_than_one_frame():
+    """What waits for the rest of a frame is bounded by the largest allowed frame."""
+    frames, _ = reader(max_size=1000)
+    frame = build_frame(TEXT, b"x" * 1000)
+    frames.feed(frame[:-1])
+    assert len(frames._buffer) == len(frame) - 1
 
 
-# -- section 6: recovery ------------------------------------------------
-
-
-def _history(srv, ws_connect, count: int) -> tuple[str, str]:
-    """A fresh channel with ``count`` broadcasts (``seq`` n has data ``{"i": n - 1}``).
-
-    A watcher reads them all: the ``websockets`` client stops reading when
-    16 messages wait unread, and then its close waits out its timeout.
-    """
-    channel = unique_channel()
-    ws = ws_connect(srv)
-    epoch = subscribe(ws, channel)["data"]["epoch"]
-    response = requests.post(f"{srv.url}/burst/{channel}/news", params={"count": count}, timeout=10)
-    assert response.json()["seq"] == count
-    assert [recv(ws)["seq"] for _ in range(count)] == list(range(1, count + 1))
-    return channel, epoch
-
-
-def news(channel: str, seq: int) -> dict:
-    """The broadcast ``seq`` of a channel filled by ``_history``."""
-    return {"channel": channel, "event": "news", "data": {"i": seq - 1, "pad": "x" * 10}, "seq": seq}
-
-
-def test_recovery_replays_in_order_with_original_seq(ws_connect, server):
-    """``since`` in the current epoch replays every later broadcast, in order, then live ones."""
-    channel, epoch = _history(server, ws_connect, 5)
-    ws = ws_connect()
-    answer = subscribe(ws, channel, {"since": 2, "epoch": epoch})
-    assert answer["data"] == {"recovered": True, "seq": 5, "epoch": epoch}
-    replay = [recv(ws) for _ in range(3)]
-    assert replay == [news(channel, seq) for seq in (3, 4, 5)]
-    assert broadcast(server, channel, data=6) == 6
-    assert recv(ws) == {"channel": channel, "event": "news", "data": 6, "seq": 6}
-    assert fence(ws) == []
-
-
-def test_recovery_without_epoch_uses_the_current_one(ws_connect, server):
-    """A client that sent no epoch is recovered against the current history."""
-    channel, epoch = _history(server, ws_connect, 3)
-    ws = ws_connect()
-    assert subscribe(ws, channel, {"since": 1})["data"] == {"recovered": True, "seq": 3, "epoch": epoch}
-    assert [recv(ws)["seq"] for _ in range(2)] == [2, 3]
-    assert fence(ws) == []
-
-
-def test_recovery_when_nothing_was_missed(ws_connect, server):
-    """``since`` equal to the last ``seq`` is recovered with nothing to replay."""
-    channel, epoch = _history(server, ws_connect, 2)
-    ws = ws_connect()
-    assert subscribe(ws, channel, {"since": 2, "epoch": epoch})["data"]["recovered"] is True
-    assert fence(ws) == []
+# -- server frames -------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    "data",
+    "length, header",
     [
-        {"since": 1, "epoch": "another-epoch"},
-        {"since": 4},
-        {"since": 99, "epoch": None},
-        {"epoch": "EPOCH"},
-        {},
-        "not an object",
-        {"since": True, "epoch": "EPOCH"},
-        {"since": -1, "epoch": "EPOCH"},
-        {"since": "1", "epoch": "EPOCH"},
+        (0, b"\x81\x00"),
+        (125, b"\x81\x7d"),
+        (126, b"\x81\x7e\x00\x7e"),
+        (65535, b"\x81\x7e\xff\xff"),
+        (65536, b"\x81\x7f" + struct.pack("!Q", 65536)),
     ],
-    ids=["other-epoch", "since-past-n", "since-far-past-n", "no-since", "empty", "not-object",
-         "since-true", "since-negative", "since-string"],
 )
-def test_no_recovery(ws_connect, server, data):
-    """Another epoch, ``since`` past the last ``seq``, or no usable ``since``: recovered false, no replay."""
-    channel, epoch = _history(server, ws_connect, 3)
-    if isinstance(data, dict):
-        data = {k: (epoch if v == "EPOCH" else v) for k, v in data.items() if v is not None}
-    ws = ws_connect()
-    answer = subscribe(ws, channel, data)
-    assert answer["data"] == {"recovered": False, "seq": 3, "epoch": epoch}
-    assert fence(ws) == []
+def test_ws_frame_length_encoding(length, header):
+    """Payload lengths use 7, 16 and 64 bits exactly at the RFC 6455 boundaries."""
+    payload = b"x" * length
+    data = ws_frame(payload)
+    assert data == header + payload
 
 
-def test_no_recovery_past_the_history_kept(ws_connect, server):
-    """With 100 broadcasts kept, ``since`` 4 of 105 is not recovered; ``since`` 5 replays 100."""
-    channel, epoch = _history(server, ws_connect, 105)
-    ws = ws_connect()
-    assert subscribe(ws, channel, {"since": 4, "epoch": epoch})["data"] == {
-        "recovered": False, "seq": 105, "epoch": epoch,
-    }
-    assert fence(ws) == []
-    other = ws_connect()
-    assert subscribe(other, channel, {"since": 5, "epoch": epoch})["data"]["recovered"] is True
-    assert [recv(other) for _ in range(100)] == [news(channel, seq) for seq in range(6, 106)]
-    assert fence(other) == []
+def test_ws_frame_is_final_unmasked_and_keeps_opcode():
+    """Frames are final, unmasked, RSV bits clear, with the requested opcode."""
+    assert ws_frame(b"ab", opcode=0x2)[:2] == b"\x82\x02"
+    assert PING_FRAME == b"\x89\x00"
 
 
-def test_recovery_seam_while_broadcasting(ws_connect, small):
-    """Recovering while broadcasts keep coming gives every ``seq`` once, in order: no gap, no duplicate."""
-    channel = unique_channel()
-    watcher = ws_connect(small)
-    epoch = subscribe(watcher, channel)["data"]["epoch"]
-    count = 2000
-    with ThreadPoolExecutor(1) as pool:
-        burst = pool.submit(
-            requests.post, f"{small.url}/burst/{channel}/news",
-            params={"count": count, "yield": 1}, timeout=30,
-        )
-        seen = 0
-        while seen < 100:
-            seen = recv(watcher)["seq"]
-        ws = ws_connect(small)
-        answer = subscribe(ws, channel, {"since": seen - 50, "epoch": epoch})
-        assert answer["data"]["recovered"] is True
-        seqs = []
-        while not seqs or seqs[-1] < count:
-            seqs.append(recv(ws)["seq"])
-        assert burst.result().json()["seq"] == count
-    assert seqs == list(range(seen - 49, count + 1))
-    assert [recv(watcher)["seq"] for _ in range(count - seen)] == list(range(seen + 1, count + 1))
-    assert fence(ws) == [] and fence(watcher) == []
+def test_close_frame_layout():
+    """A close frame is opcode 8, the code in network order, then the reason."""
+    assert close_frame(4008, "slow") == b"\x88\x06" + struct.pack("!H", 4008) + b"slow"
+    assert close_frame(1000) == b"\x88\x02\x03\xe8"
+
+
+def test_close_frame_reason_fits_a_control_frame():
+    """A long reason is cut so that the frame stays within 125 payload bytes."""
+    data = close_frame(1001, "x" * 500)
+    assert data[1] == 125 and len(data) == 127
+
+
+def test_close_frame_reason_is_cut_on_a_character_boundary():
+    """A cut reason is still valid UTF-8, or the client would fail the connection."""
+    data = close_frame(1000, "é" * 100)
+    assert data[1] <= 125
+    assert data[4:].decode("utf-8") == "é" * 61

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import struct
 
 import pytest
 
@@ -269,48 +268,6 @@ def test_encode_is_utf8_standard_json():
 def test_error_payload_shape():
     """``@error`` data is ``{"code", "message"}``."""
     assert protocol.error_payload("bad_frame", "why") == {"code": "bad_frame", "message": "why"}
-
-
-@pytest.mark.parametrize(
-    "length, header",
-    [
-        (0, b"\x81\x00"),
-        (125, b"\x81\x7d"),
-        (126, b"\x81\x7e\x00\x7e"),
-        (65535, b"\x81\x7e\xff\xff"),
-        (65536, b"\x81\x7f" + struct.pack("!Q", 65536)),
-    ],
-)
-def test_ws_frame_length_encoding(length, header):
-    """Payload lengths use 7, 16 and 64 bits exactly at the RFC 6455 boundaries."""
-    payload = b"x" * length
-    data = protocol.ws_frame(payload)
-    assert data == header + payload
-
-
-def test_ws_frame_is_final_unmasked_and_keeps_opcode():
-    """Frames are final, unmasked, RSV bits clear, with the requested opcode."""
-    assert protocol.ws_frame(b"ab", opcode=0x2)[:2] == b"\x82\x02"
-    assert protocol.PING_FRAME == b"\x89\x00"
-
-
-def test_close_frame_layout():
-    """A close frame is opcode 8, the code in network order, then the reason."""
-    assert protocol.close_frame(4008, "slow") == b"\x88\x06" + struct.pack("!H", 4008) + b"slow"
-    assert protocol.close_frame(1000) == b"\x88\x02\x03\xe8"
-
-
-def test_close_frame_reason_fits_a_control_frame():
-    """A long reason is cut so that the frame stays within 125 payload bytes."""
-    data = protocol.close_frame(1001, "x" * 500)
-    assert data[1] == 125 and len(data) == 127
-
-
-def test_close_frame_reason_is_cut_on_a_character_boundary():
-    """A cut reason is still valid UTF-8, or the client would fail the connection."""
-    data = protocol.close_frame(1000, "é" * 100)
-    assert data[1] <= 125
-    assert data[4:].decode("utf-8") == "é" * 61
 
 
 @pytest.mark.parametrize(

@@ -396,7 +396,7 @@ def test_history_replays_exactly_the_missed_broadcasts(make_backend):
     recovery = backend.recover(channel, 3, None)
     assert (recovery.recovered, recovery.seq) == (True, 8)
     assert recovery.frames == [
-        (seq, protocol.ws_frame(protocol.encode("n", {"n": seq - 1}, channel, seq=seq))) for seq in range(4, 9)
+        (seq, frames.ws_frame(protocol.encode("n", {"n": seq - 1}, channel, seq=seq))) for seq in range(4, 9)
     ]
     assert backend.recover(channel, 8, recovery.epoch).recovered is True
     assert backend.recover(channel, 8, recovery.epoch).frames == []

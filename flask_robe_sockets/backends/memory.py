@@ -49,6 +49,7 @@ import gevent
 from gevent import monkey
 
 from .. import protocol
+from ..frames import ws_frame
 from .base import Backend, Deliver, Recovery
 
 try:
@@ -244,7 +245,7 @@ class MemoryBackend(Backend):
             history = self._histories.get(channel)
             seq = (history.seq if history is not None else 0) + 1
             # Encoded before anything changes: data that is not JSON raises here.
-            frame = protocol.ws_frame(protocol.encode(event, data, channel, seq=seq))
+            frame = ws_frame(protocol.encode(event, data, channel, seq=seq))
             if history is None:
                 history = self._create(channel)
             history.seq = seq

@@ -66,6 +66,7 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 from .. import protocol
+from ..frames import ws_frame
 from ..errors import BackendUnavailable
 from .base import Backend, Deliver, Recovery
 
@@ -273,7 +274,7 @@ class RedisBackend(Backend):
         answer = Recovery(False, seq, current.decode())
         if since is None or since > seq or (epoch is not None and epoch != answer.epoch):
             return answer
-        frames = [(int(flat[i]), protocol.ws_frame(flat[i + 1])) for i in range(len(flat) - 2, -1, -2)]
+        frames = [(int(flat[i]), ws_frame(flat[i + 1])) for i in range(len(flat) - 2, -1, -2)]
         if len(frames) == seq - since and (not frames or frames[0][0] == since + 1):
             answer.recovered = True
             answer.frames = frames
@@ -494,7 +495,7 @@ class RedisBackend(Backend):
         else:
             subscription.epoch = epoch
         subscription.last = seq
-        self._hand_over(channel, seq, protocol.ws_frame(text))
+        self._hand_over(channel, seq, ws_frame(text))
 
     def _hand_over(self, channel: str, seq: int, frame: bytes) -> None:
         if self._deliver is None:
