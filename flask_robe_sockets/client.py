@@ -17,9 +17,13 @@ not ask for, subscribes every channel again with the last ``seq`` and
 ``epoch`` it saw so that the server replays what was missed, and keeps sends
 made while disconnected in a bounded queue.
 
-Two background threads do the work: one connects, reads and pings; the other
-runs the application's handlers, in order, so that a handler may itself call
-:meth:`Channel.send` and wait for the reply while frames keep being read.
+Every decision (refs, the queue, what to resubscribe from, the backoff,
+which refusals are retried) is made by
+:class:`~flask_robe_sockets.clientstate.ClientState`, which has no I/O; this
+module only moves bytes and runs threads around it. Two background threads
+do that: one connects, reads and pings; the other runs the application's
+handlers, in order, so that a handler may itself call :meth:`Channel.send`
+and wait for the reply while frames keep being read.
 Events wait for their handlers in memory: keep handlers quick, and hand long
 work to a thread or a job queue.
 Threads, locks and events come from the ``threading`` module when the client
@@ -29,7 +33,8 @@ The WebSocket itself is :class:`~flask_robe_sockets.clientsocket.ClientSocket`,
 wsproto over a blocking socket (its docstring says why not simple-websocket's
 client).
 
-Errors, all under :class:`~flask_robe_sockets.errors.RobeSocketsError`::
+Errors, all under :class:`~flask_robe_sockets.errors.RobeSocketsError` (and
+defined in :mod:`~flask_robe_sockets.clientstate`, which decides them)::
 
     ClientError           .code, as the browser client's errors have
      +-- ReplyError       the server answered @error (its code, .message)
@@ -41,160 +46,88 @@ Errors, all under :class:`~flask_robe_sockets.errors.RobeSocketsError`::
 """
 from __future__ import annotations
 
-import itertools
-import json
 import logging
 import queue
-import random
-import socket
 import ssl
+import socket
 import threading
-import time
-from collections import defaultdict, deque
-from dataclasses import dataclass
+import weakref
+from collections import defaultdict
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import urlencode, urlsplit
 
 from . import protocol
-from .clientsocket import CLOSE_ABNORMAL, ClientSocket, error_name, retry_after_seconds
-from .errors import RobeSocketsError
+from .clientsocket import ClientSocket
+from .clientstate import (
+    STABLE_AFTER,
+    Action,
+    ChannelState,
+    ClientClosed,
+    ClientError,
+    ClientState,
+    ConnectError,
+    ConnectionLost,
+    Drop,
+    Emit,
+    QueueFull,
+    ReceivedMessage,
+    ReplyError,
+    Retry,
+    Send,
+    SendTimeout,
+    Settle,
+    Subscribed,
+    error_name,
+    retry_after_seconds,
+)
 
 if TYPE_CHECKING:
     import requests
 
+__all__ = [
+    "STABLE_AFTER",
+    "Channel",
+    "Client",
+    "ClientClosed",
+    "ClientError",
+    "ConnectError",
+    "ConnectionLost",
+    "Message",
+    "QueueFull",
+    "ReceivedMessage",
+    "ReplyError",
+    "SendTimeout",
+    "Subscribed",
+]
+
 log = logging.getLogger("flask_robe_sockets.client")
+
+#: The name this module gave :class:`ReceivedMessage` first; it stays so
+#: that code importing it keeps working. (The server's handlers receive
+#: :class:`flask_robe_sockets.Message`, another class.)
+Message = ReceivedMessage
 
 _CLIENT_EVENTS = ("connect", "disconnect", "error", "message")
 
-#: Seconds a connection must last for the reconnect backoff to start over.
-STABLE_AFTER = 10.0
 
+class Channel(ChannelState):
+    """A channel of a :class:`Client`, returned by :meth:`Client.subscribe`.
 
-class ClientError(RobeSocketsError):
-    """Base class of the client's errors.
-
-    Each has a ``code``, as the browser client's errors do: the server's
-    error code for :class:`ReplyError`, else one of the client's own.
-    """
-
-    code = "error"
-
-
-class ReplyError(ClientError):
-    """The server answered ``@error``.
-
-    :param code: the protocol's error code, e.g. ``"forbidden"``.
-    :param message: the server's explanation, for humans.
-    :param channel: the channel the refused frame was on.
-    """
-
-    def __init__(self, code: str, message: str, channel: str | None = None) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.channel = channel
-
-
-class SendTimeout(ClientError, TimeoutError):
-    """No answer came in time. A send still queued is dropped; one already
-    sent may still be handled by the server, and its answer is ignored."""
-
-    code = "timeout"
-
-
-class QueueFull(ClientError):
-    """The client is disconnected and already holds ``max_queue`` sends."""
-
-    code = "queue_full"
-
-
-class ConnectionLost(ClientError):
-    """The connection ended after the event was sent and before its answer.
-
-    The server may or may not have handled it: it is not sent again, since
-    handlers need not be idempotent.
-    """
-
-    code = "disconnected"
-
-
-class ClientClosed(ClientError):
-    """The client was closed; it sends nothing more."""
-
-    code = "closed"
-
-
-class ConnectError(ClientError):
-    """A connect attempt failed; the client tries again after a backoff.
-
-    Every failure is retried, refusals included: ``429 rate_limited`` (too
-    many tickets), ``429 identity_limit`` or ``ip_limit`` (too many sockets)
-    and even ``401 unauthorized`` may pass later.
-
-    :param status: the HTTP status of a refused ticket request or
-        handshake, else ``None``.
-    :param code: the ``error`` of the refusal's JSON body, e.g.
-        ``"unauthorized"`` or ``"ticket_used"``; else ``"ticket_failed"``
-        when no ticket came, ``"connect_failed"`` when the socket failed.
-    :param retry_after: the seconds of the refusal's ``Retry-After``
-        header, else ``None``; the next attempt waits at least that long.
+    Its ``seq``, ``epoch`` and ``subscribed`` are kept by the client's state
+    (:class:`~flask_robe_sockets.clientstate.ChannelState`).
     """
 
     def __init__(
         self,
-        message: str,
-        status: int | None = None,
-        code: str | None = None,
-        retry_after: float | None = None,
+        client: "Client",
+        name: str,
+        request: Callable[[str, str, Any, float | None], Any],
+        handlers: "_Handlers",
     ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code or "connect_failed"
-        self.retry_after = retry_after
-
-
-@dataclass(frozen=True)
-class Message:
-    """An event from the server.
-
-    ``seq`` is the broadcast's position in its channel, ``None`` for a
-    message sent to this connection alone.
-    """
-
-    channel: str | None
-    event: str
-    data: Any = None
-    seq: int | None = None
-
-
-@dataclass(frozen=True)
-class Subscribed:
-    """The server's ``@subscribed``: ``recovered`` is ``False`` when messages
-    missed while disconnected could not be replayed, so the application
-    should reload its state."""
-
-    recovered: bool
-    seq: int
-    epoch: str
-
-
-class Channel:
-    """A channel of a :class:`Client`, returned by :meth:`Client.subscribe`."""
-
-    def __init__(self, client: "Client", name: str) -> None:
+        super().__init__(name)
         self.client = client
-        self.name = name
-        #: The last ``seq`` seen here and the epoch it belongs to; sent back
-        #: on resubscribe so the server can replay what came in between.
-        self.seq: int | None = None
-        self.epoch: str | None = None
-        #: Whether the server confirmed the subscription on this connection.
-        self.subscribed = False
-        # Subscribed on every connect, except after a refusal (until
-        # subscribe() asks again); the ref of the @subscribe in flight.
-        self._wanted = True
-        self._subscribe_ref: int | None = None
-        self._handlers: defaultdict[str, list[Callable[..., Any]]] = defaultdict(list)
+        self._request = request
+        self._handlers = handlers
 
     def __repr__(self) -> str:
         return f"<Channel {self.name!r} seq={self.seq}>"
@@ -216,7 +149,7 @@ class Channel:
         """
         if not protocol.is_valid_event(event):
             raise ValueError(f"invalid event name {event!r}: 1 to 64 characters, not starting with '@'")
-        self._handlers[event].append(handler)
+        self._handlers.add(self, event, handler)
         return handler
 
     def send(self, event: str, data: Any = None, timeout: float | None = None) -> Any:
@@ -234,42 +167,73 @@ class Channel:
         :raises ConnectionLost: the connection ended before the answer.
         :raises ClientClosed: the client is closed.
         """
-        return self.client._request(self.name, event, data, timeout)
+        return self._request(self.name, event, data, timeout)
 
-    def _on_subscribed(self, subscribed: Subscribed) -> None:
-        self.subscribed = True
-        if not subscribed.recovered:
-            # Nothing replayed: new messages follow this seq. When recovered,
-            # the replay that follows moves seq on by itself.
-            self.seq = subscribed.seq
-        self.epoch = subscribed.epoch
-        self.client._emit(self._handlers["subscribed"], subscribed, channel=self)
 
-    def _on_refused(self, error: ReplyError) -> None:
-        # Refused for good, until subscribe() asks again; but a subscribe
-        # that was only rate limited is tried again on the next connect.
-        self._wanted = error.code == "rate_limited"
-        self.client._emit(self._handlers["error"], error, channel=self)
+class _Handlers:
+    """The application's handlers, the client's and its channels', and the
+    thread that runs them one at a time, in order.
 
-    def _deliver(self, message: Message) -> None:
-        if message.seq is not None:
-            self.seq = message.seq
-        self.client._emit(self._handlers["message"], message, channel=self)
-        if message.event != "message":
-            self.client._emit(self._handlers[message.event], message, channel=self)
+    The connection thread only queues calls here, so that a handler may
+    itself call :meth:`Channel.send` and wait for the reply while frames
+    keep being read.
+    """
+
+    def __init__(self, holds: Callable[[ChannelState], bool]) -> None:
+        self._own: dict[str, list[Callable[..., Any]]] = {name: [] for name in _CLIENT_EVENTS}
+        # Weak, so that a channel left and forgotten takes its handlers along.
+        self._channels: weakref.WeakKeyDictionary[Channel, defaultdict[str, list]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._holds = holds
+        # Calls waiting for their turn; None ends the thread.
+        self._calls: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="robe-sockets-handlers", daemon=True)
+
+    def add(self, channel: Channel | None, event: str, handler: Callable[..., Any]) -> None:
+        if channel is None:
+            self._own[event].append(handler)
+        else:
+            self._channels.setdefault(channel, defaultdict(list))[event].append(handler)
+
+    def call(self, emit: Emit) -> None:
+        self._calls.put(emit)
+
+    def stop(self) -> None:
+        """End the thread after the calls already queued."""
+        self._calls.put(None)
+
+    def _run(self) -> None:
+        while True:
+            emit = self._calls.get()
+            if emit is None:
+                return
+            for name in emit.names:
+                # A channel left before its handlers' turn hears nothing
+                # more, as unsubscribe() promises.
+                if emit.channel is not None and not self._holds(emit.channel):
+                    break
+                handlers = (
+                    self._own[name]
+                    if emit.channel is None
+                    else self._channels.get(emit.channel, {}).get(name, ())
+                )
+                for handler in tuple(handlers):
+                    try:
+                        handler(*emit.args)
+                    except Exception:
+                        log.exception("handler %r failed", handler)
 
 
 class _Request:
-    """An application event waiting for its answer."""
+    """A send waiting for its answer, in the thread that sent it."""
 
-    def __init__(self, ref: int, text: str) -> None:
-        self.ref = ref
-        self.text = text
+    def __init__(self) -> None:
         self.done = threading.Event()
         self.result: Any = None
         self.error: ClientError | None = None
 
-    def resolve(self, result: Any = None, error: ClientError | None = None) -> None:
+    def settle(self, result: Any, error: ClientError | None) -> None:
         self.result = result
         self.error = error
         self.done.set()
@@ -334,8 +298,6 @@ class Client:
         self.connect_timeout = connect_timeout
         self.close_timeout = close_timeout
         self.ssl_context = ssl_context
-        #: The server's id for the current connection, ``None`` while disconnected.
-        self.id: str | None = None
 
         self._own_session = ticket_url is not None and session is None
         if self._own_session:
@@ -344,28 +306,26 @@ class Client:
             session = requests.Session()
         self._session = session if ticket_url is not None else None
 
-        # Guards the connection state, the channels, the queue and the
-        # pending answers; writes happen under it so that queued events go
-        # out before newer ones.
+        # Every decision is the state's; this object only moves bytes and
+        # runs threads. The lock guards the state, and writes happen under
+        # it so that queued events go out before newer ones.
+        self._state = ClientState(
+            max_queue=max_queue,
+            reconnect_delay=reconnect_delay,
+            max_reconnect_delay=max_reconnect_delay,
+            ping_interval=ping_interval,
+            pong_timeout=pong_timeout,
+            connect_timeout=connect_timeout,
+            new_channel=lambda name: Channel(self, name, self._request, self._handlers),
+        )
         self._lock = threading.RLock()
         self._socket: ClientSocket | None = None
-        self._connected = False
-        self._closed = False
         self._stop = threading.Event()
-        self._channels: dict[str, Channel] = {}
-        self._queue: deque[_Request] = deque()
-        self._pending: dict[int, _Request] = {}
-        self._refs = itertools.count(1)
-        self._handlers: dict[str, list[Callable[..., Any]]] = {name: [] for name in _CLIENT_EVENTS}
-        # Handler calls, run in order by the handler thread; None ends it.
-        self._calls: queue.Queue = queue.Queue()
-        self._handler_thread = threading.Thread(
-            target=self._run_handlers, name="robe-sockets-handlers", daemon=True
-        )
+        self._handlers = _Handlers(self._state.holds)
         self._connection_thread = threading.Thread(
             target=self._run_connection, name="robe-sockets-connection", daemon=True
         )
-        self._handler_thread.start()
+        self._handlers.thread.start()
         self._connection_thread.start()
 
     def __enter__(self) -> "Client":
@@ -377,7 +337,12 @@ class Client:
     @property
     def connected(self) -> bool:
         """Whether the socket is open and past ``@connected``."""
-        return self._connected
+        return self._state.connected
+
+    @property
+    def id(self) -> str | None:
+        """The server's id for the current connection, ``None`` while disconnected."""
+        return self._state.id
 
     # -- public API ------------------------------------------------------
 
@@ -393,9 +358,9 @@ class Client:
         - ``"message"``: ``handler(message)``, a :class:`Message` sent to
           this connection alone outside any subscribed channel.
         """
-        if event not in self._handlers:
+        if event not in _CLIENT_EVENTS:
             raise ValueError(f"unknown client event {event!r}: one of {', '.join(_CLIENT_EVENTS)}")
-        self._handlers[event].append(handler)
+        self._handlers.add(None, event, handler)
         return handler
 
     def subscribe(self, name: str) -> Channel:
@@ -403,30 +368,16 @@ class Client:
         the same name. Works before the socket is open: channels are
         subscribed on each connect. After a refusal, calling it again asks
         the server again."""
-        if not protocol.is_valid_channel(name):
-            raise ValueError(
-                f"invalid channel name {name!r}: 1 to 128 characters from A-Z a-z 0-9 _ - . : /"
-            )
         with self._lock:
-            self._check_open()
-            channel = self._channels.get(name)
-            if channel is None:
-                channel = self._channels[name] = Channel(self, name)
-            channel._wanted = True
-            if self._connected and not channel.subscribed:
-                self._send_subscribe(channel)
-        return channel
+            channel, actions = self._state.subscribe(name)
+            self._perform(actions)
+        return channel  # type: ignore[return-value]  # made by new_channel
 
     def unsubscribe(self, name: str) -> None:
         """Leave channel ``name``; its handlers get nothing more. Subscribing
         again later returns a new :class:`Channel`."""
         with self._lock:
-            channel = self._channels.pop(name, None)
-            if channel is None:
-                return
-            channel.subscribed = False
-            if self._connected:
-                self._write({"channel": name, "event": protocol.UNSUBSCRIBE})
+            self._perform(self._state.unsubscribe(name))
 
     def close(self) -> None:
         """Close the connection for good: one ``disconnect`` (code 1000) if it
@@ -434,15 +385,11 @@ class Client:
         :class:`ClientClosed`. Returns once the handlers have run, or after
         ``close_timeout``."""
         with self._lock:
-            if self._closed:
+            if self._state.closed:
                 return
-            self._closed = True
+            self._perform(self._state.close())
             self._stop.set()
             sock = self._socket
-            queued = list(self._queue)
-            self._queue.clear()
-        for request in queued:
-            request.resolve(error=ClientClosed("the client was closed before this was sent"))
         if sock is not None:
             sock.close(protocol.CLOSE_NORMAL)
         self._connection_thread.join(self.close_timeout)
@@ -451,119 +398,85 @@ class Client:
             self._connection_thread.join(self.close_timeout)
         # The handler thread ends after the connection thread's last event;
         # close() may itself be running in a handler.
-        in_handler = threading.current_thread() is self._handler_thread
+        in_handler = threading.current_thread() is self._handlers.thread
         if not self._connection_thread.is_alive() and not in_handler:
-            self._handler_thread.join(self.close_timeout)
+            self._handlers.thread.join(self.close_timeout)
         if self._own_session:
             self._session.close()
 
-    # -- sending ---------------------------------------------------------
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ClientClosed("the client is closed")
+    # -- carrying out the state's decisions ------------------------------
 
     def _request(self, channel: str, event: str, data: Any, timeout: float | None) -> Any:
-        if not protocol.is_valid_event(event):
-            raise ValueError(f"invalid event name {event!r}: 1 to 64 characters, not starting with '@'")
-        ref = next(self._refs)
-        # Encoded here so that data that is not JSON fails in the caller.
-        frame = {"channel": channel, "event": event, "data": data, "ref": ref}
-        request = _Request(ref, protocol.dumps(frame))
+        request = _Request()
         with self._lock:
-            self._check_open()
-            if self._connected:
-                self._send_request(request)
-            elif len(self._queue) >= self.max_queue:
-                raise QueueFull(
-                    f"{len(self._queue)} sends already wait for the connection (max_queue)"
-                )
-            else:
-                self._queue.append(request)
+            self._perform(self._state.send(channel, event, data, request))
         if timeout is None:
             timeout = self.send_timeout
-        if not request.done.wait(timeout) and self._withdraw(request):
-            raise SendTimeout(f"no answer to {event!r} on {channel!r} within {timeout}s")
+        if not request.done.wait(timeout):
+            with self._lock:
+                withdrawn = self._state.withdraw(request)
+            if withdrawn:
+                raise SendTimeout(f"no answer to {event!r} on {channel!r} within {timeout}s")
         if request.error is not None:
             raise request.error
         return request.result
 
-    def _withdraw(self, request: _Request) -> bool:
-        """Forget a request that timed out; ``False`` if it was answered meanwhile."""
-        with self._lock:
-            if self._pending.pop(request.ref, None) is not None:
-                return True
-            try:
-                self._queue.remove(request)
-            except ValueError:
-                return False
-            return True
+    def _perform(self, actions: list[Action]) -> None:
+        """Carry out ``actions`` (lock held). After a failed write the
+        connection is gone: the sends still to go wait for the next one,
+        and the reconnect redoes the rest (subscribes)."""
+        unsent: list[int] = []
+        for action in actions:
+            if isinstance(action, Send):
+                failed = bool(unsent) or not self._write(action.text)
+                if failed and action.ref is not None:
+                    unsent.append(action.ref)
+            elif isinstance(action, Emit):
+                if action.channel is None:
+                    self._log(action)
+                self._handlers.call(action)
+            elif isinstance(action, Settle):
+                action.request.settle(action.result, action.error)
+        if unsent:
+            self._state.unsent(unsent)
 
-    def _send_request(self, request: _Request) -> bool:
-        """Write ``request`` (lock held); put it back in front of the queue
-        if the write failed, since the server then got no whole frame."""
-        self._pending[request.ref] = request
+    def _write(self, text: str) -> bool:
+        sock = self._socket
+        if sock is None:
+            return False
         try:
-            self._socket.send_text(request.text)
+            sock.send_text(text)
         except OSError:
-            del self._pending[request.ref]
-            self._queue.appendleft(request)
             return False
         return True
 
-    def _send_subscribe(self, channel: Channel) -> None:
-        if channel._subscribe_ref is not None:
-            return  # one is on its way
-        channel._subscribe_ref = next(self._refs)
-        frame: dict[str, Any] = {
-            "channel": channel.name, "event": protocol.SUBSCRIBE, "ref": channel._subscribe_ref
-        }
-        if channel.epoch is not None:
-            frame["data"] = {"since": channel.seq, "epoch": channel.epoch}
-        self._write(frame)
-
-    def _write(self, frame: dict[str, Any]) -> None:
-        """Write a frame that needs no answer; a failure only means the
-        connection is gone, and the reconnect will redo what matters."""
-        sock = self._socket
-        if sock is not None:
-            try:
-                sock.send_text(protocol.dumps(frame))
-            except OSError:
-                pass
+    def _log(self, emit: Emit) -> None:
+        name = emit.names[0]
+        if name == "connect":
+            log.info("connected to %s as %s", self.url, self._state.id)
+        elif name == "disconnect":
+            log.info("disconnected from %s (%s)", self.url, *emit.args)
+        elif name == "error":
+            log.warning("%s", *emit.args)
 
     # -- the connection thread -------------------------------------------
 
     def _run_connection(self) -> None:
-        attempt = 0
         try:
             while not self._stop.is_set():
-                at_least = 0.0
                 try:
                     sock = self._connect()
                 except ConnectError as exc:
-                    if not self._stop.is_set():  # else close() cut it short
-                        self._emit_error(exc)
-                    at_least = exc.retry_after or 0.0
+                    with self._lock:
+                        actions = self._state.connect_failed(exc)
+                        self._perform(actions)
                 else:
-                    started = time.monotonic()
-                    if self._serve(sock) and time.monotonic() - started >= STABLE_AFTER:
-                        # A good connection: the backoff starts over. One
-                        # dropped sooner keeps growing it, so a server that
-                        # closes every connection at once is not hammered.
-                        attempt = 0
-                if self._stop.wait(self._backoff(attempt, at_least)):
+                    actions = self._serve(sock)
+                retry = next((a for a in actions if isinstance(a, Retry)), None)
+                if retry is None or self._stop.wait(retry.delay):
                     break
-                attempt += 1
         finally:
-            self._calls.put(None)
-
-    def _backoff(self, attempt: int, at_least: float = 0.0) -> float:
-        """Seconds before the next attempt: full jitter below a doubling
-        ceiling, but no sooner than the server's ``Retry-After`` said (up to
-        ``max_reconnect_delay``, whatever the server said)."""
-        ceiling = min(self.max_reconnect_delay, self.reconnect_delay * 2 ** min(attempt, 32))
-        return max(random.uniform(0, ceiling), min(at_least, self.max_reconnect_delay))
+            self._handlers.stop()
 
     def _connect(self) -> ClientSocket:
         url = self.url
@@ -600,169 +513,46 @@ class Client:
             raise ConnectError(message, response.status_code, "ticket_failed")
         return ticket
 
-    def _serve(self, sock: ClientSocket) -> bool:
-        """Read ``sock`` until it ends; whether it got as far as ``@connected``."""
+    def _serve(self, sock: ClientSocket) -> list[Action]:
+        """Read ``sock`` until it ends; what the state makes of the end."""
         with self._lock:
-            if self._closed:
+            if self._state.closed:
                 sock.release()
-                return False
+                return []
             self._socket = sock
+            # connect_timeout bounds each step: from here, the wait for @connected.
+            self._state.connecting()
         try:
             self._read(sock)
         finally:
             sock.release()
-        connected = self._lost(sock.close_code)
-        if not connected and not self._closed:
-            code = sock.close_code or CLOSE_ABNORMAL
-            self._emit_error(ConnectError(f"the connection closed ({code}) before @connected"))
-        return connected
+        with self._lock:
+            self._socket = None
+            actions = self._state.lost(sock.close_code)
+            self._perform(actions)
+        return actions
 
     def _read(self, sock: ClientSocket) -> None:
-        awaiting_pong = False
         while sock.close_code is None:
-            if not self._connected:
-                timeout = self.connect_timeout  # @connected is the first frame
-            else:
-                # 0 disables ping as None does (and as in the browser client).
-                timeout = self.pong_timeout if awaiting_pong else self.ping_interval or None
+            with self._lock:
+                timeout = self._state.wait_time()
             try:
                 texts = sock.receive(timeout)
             except socket.timeout:
-                if not self._connected:
-                    log.warning("no @connected within %ss", self.connect_timeout)
+                with self._lock:
+                    actions = self._state.tick()
+                    self._perform(actions)
+                drop = next((a for a in actions if isinstance(a, Drop)), None)
+                if drop is not None:
+                    log.warning("%s", drop.reason)
                     return
-                if awaiting_pong:
-                    log.warning("no answer to @ping within %ss: connection lost", self.pong_timeout)
-                    return
-                awaiting_pong = True
-                self._write({"event": protocol.PING})
                 continue
-            awaiting_pong = False  # anything at all from the server will do
-            for text in texts:
-                try:
-                    self._on_frame(text)
-                except Exception:  # a frame we cannot make sense of must not end the reader
-                    log.exception("could not handle a frame from the server: %.200r", text)
-
-    def _lost(self, code: int | None) -> bool:
-        with self._lock:
-            was_connected = self._connected
-            self._connected = False
-            self._socket = None
-            self.id = None
-            for channel in self._channels.values():
-                channel.subscribed = False
-                channel._subscribe_ref = None
-            unanswered = list(self._pending.values())
-            self._pending.clear()
-            closed = self._closed
-        if closed:
-            code = protocol.CLOSE_NORMAL  # whatever the server answered, or not
-        elif code is None:
-            code = CLOSE_ABNORMAL
-        for request in unanswered:
-            error = (
-                ClientClosed("the client was closed before the server answered")
-                if closed
-                else ConnectionLost(f"the connection closed ({code}) before the server answered")
-            )
-            request.resolve(error=error)
-        if was_connected:
-            log.info("disconnected from %s (%s)", self.url, code)
-            self._emit(self._handlers["disconnect"], code)
-        return was_connected
-
-    # -- frames from the server ------------------------------------------
-
-    def _on_frame(self, text: str) -> None:
-        frame = json.loads(text)
-        event = frame["event"]
-        channel = frame.get("channel")
-        data = frame.get("data")
-        if event == protocol.CONNECTED:
-            self._on_connected(data)
-        elif event in (protocol.REPLY, protocol.ERROR):
-            self._on_answer(event, channel, data, frame.get("ref"))
-        elif event == protocol.SUBSCRIBED:
-            target = self._answered_subscribe(channel, frame.get("ref"))
-            if target is not None:
-                target._on_subscribed(Subscribed(data["recovered"], data["seq"], data["epoch"]))
-        elif event in (protocol.PONG, protocol.UNSUBSCRIBED):
-            pass  # reading it was the point
-        else:
-            self._on_message(Message(channel, event, data, frame.get("seq")))
-
-    def _on_connected(self, data: dict[str, Any]) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self.id = data["id"]
-            for channel in self._channels.values():
-                if channel._wanted:
-                    self._send_subscribe(channel)
-            while self._queue:
-                if not self._send_request(self._queue.popleft()):
-                    break
-            self._connected = True
-        log.info("connected to %s as %s", self.url, self.id)
-        self._emit(self._handlers["connect"])
-
-    def _on_answer(self, event: str, channel: str | None, data: Any, ref: Any) -> None:
-        with self._lock:
-            request = self._pending.pop(ref, None) if isinstance(ref, int) else None
-        if event == protocol.REPLY:
-            if request is not None:
-                request.resolve(data)
-            return
-        error = ReplyError(data["code"], data["message"], channel)
-        if request is not None:
-            request.resolve(error=error)
-            return
-        refused = self._answered_subscribe(channel, ref)
-        if refused is not None:
-            refused._on_refused(error)
-        self._emit_error(error)
-
-    def _answered_subscribe(self, name: str | None, ref: Any) -> Channel | None:
-        """The channel whose ``@subscribe`` this answers, if it is still ours."""
-        with self._lock:
-            channel = self._channels.get(name) if name is not None else None
-            if channel is None or ref is None or channel._subscribe_ref != ref:
-                return None  # unsubscribed meanwhile, or an answer we did not ask for
-            channel._subscribe_ref = None
-            return channel
-
-    def _on_message(self, message: Message) -> None:
-        channel = self._channels.get(message.channel) if message.channel is not None else None
-        if channel is not None:
-            channel._deliver(message)
-        elif message.seq is None:  # to this connection alone
-            self._emit(self._handlers["message"], message)
-        # else a broadcast on a channel just left: dropped
-
-    # -- the handler thread ----------------------------------------------
-
-    def _emit(
-        self, handlers: list[Callable[..., Any]], *args: Any, channel: Channel | None = None
-    ) -> None:
-        """Queue a call of ``handlers``; a ``channel``'s handlers are skipped
-        if it was left before their turn, as unsubscribe() promises."""
-        self._calls.put((handlers, args, channel))
-
-    def _emit_error(self, exc: ClientError) -> None:
-        log.warning("%s", exc)
-        self._emit(self._handlers["error"], exc)
-
-    def _run_handlers(self) -> None:
-        while True:
-            call = self._calls.get()
-            if call is None:
-                return
-            handlers, args, channel = call
-            if channel is not None and self._channels.get(channel.name) is not channel:
-                continue
-            for handler in tuple(handlers):
-                try:
-                    handler(*args)
-                except Exception:
-                    log.exception("handler %r failed", handler)
+            with self._lock:
+                self._state.heard()  # anything at all from the server will do
+                for text in texts:
+                    try:
+                        actions = self._state.receive(text)
+                    except Exception:  # a frame we cannot make sense of must not end the reader
+                        log.exception("could not handle a frame from the server: %.200r", text)
+                        continue
+                    self._perform(actions)

@@ -13,7 +13,6 @@ Like a socket, it reports every failure as an ``OSError``.
 """
 from __future__ import annotations
 
-import json
 import logging
 import select
 import socket
@@ -36,11 +35,9 @@ from wsproto.events import (
 )
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
-log = logging.getLogger("flask_robe_sockets.client")
+from .clientstate import CLOSE_ABNORMAL, error_name, retry_after_seconds
 
-#: The close code reported when the connection ended without a close frame
-#: (RFC 6455 reserves it for exactly that; it never goes on the wire).
-CLOSE_ABNORMAL = 1006
+log = logging.getLogger("flask_robe_sockets.client")
 
 
 class Refused(ConnectionError):
@@ -219,22 +216,3 @@ class ClientSocket:
         """Free the socket, once the reader is done with it."""
         self.sock.close()
 
-
-def error_name(body: bytes) -> str | None:
-    """The ``error`` of a refusal's JSON body, e.g. ``"ticket_used"``."""
-    try:
-        value = json.loads(body)
-    except ValueError:
-        return None
-    error = value.get("error") if isinstance(value, dict) else None
-    return error if isinstance(error, str) else None
-
-
-def retry_after_seconds(value: str | None) -> float | None:
-    """The seconds of a ``Retry-After`` header; ``None`` when absent or not
-    a number of seconds (the HTTP-date form is not worth a clock here)."""
-    try:
-        seconds = float(value) if value is not None else None
-    except ValueError:
-        return None
-    return seconds if seconds is not None and 0 <= seconds < float("inf") else None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import select
 import shutil
 import socket
@@ -480,7 +481,7 @@ def test_sends_while_disconnected_go_out_after_reconnect(proxy, make_client):
     threads = [threading.Thread(target=send, args=(n,)) for n in (1, 2, 3)]
     for thread in threads:
         thread.start()
-    wait_until(lambda: len(client._queue) == 3, 5, message="three queued sends")
+    wait_until(lambda: client._state.queued == 3, 5, message="three queued sends")
     assert not client.connected
     proxy.refusing = False
     for thread in threads:
@@ -504,7 +505,7 @@ def test_queue_bound_and_timeouts_fail_at_once(proxy, make_client):
     threads = [threading.Thread(target=send, args=(n,)) for n in (1, 2)]
     for thread in threads:
         thread.start()
-    wait_until(lambda: len(client._queue) == 2, 5, message="two queued sends")
+    wait_until(lambda: client._state.queued == 2, 5, message="two queued sends")
     started = time.monotonic()
     with pytest.raises(QueueFull) as info:
         chat.send("echo", 3, timeout=10)
@@ -921,16 +922,21 @@ def test_client_under_gevent(server):
     }
 
 
-def test_backoff_keeps_growing_when_connections_drop_at_once(proxy, make_client):
+def test_backoff_keeps_growing_when_connections_drop_at_once(proxy, make_client, monkeypatch):
     """Connections dropped right after @connected do not reset the backoff: a flapping server is not hammered."""
+    monkeypatch.setattr(random, "random", lambda: 1.0)  # no jitter: each delay is its ceiling
     record = Recorder()
-    client = make_client(proxy.ws_url, record=record)
-    attempts = []
-    backoff = client._backoff
-    client._backoff = lambda attempt, *rest: attempts.append(attempt) or backoff(attempt, *rest)
+    events = []
+    client = make_client(proxy.ws_url, reconnect_delay=0.1, max_reconnect_delay=1)
+    for name in ("connect", "disconnect"):
+        client.on(name, lambda *args, name=name: events.append((name, time.monotonic())))
+        client.on(name, record(name))
     for drops in range(1, 4):
         record.wait("connect", drops)
         proxy.drop()
         record.wait("disconnect", drops)
     record.wait("connect", 4)
-    assert attempts[:3] == [0, 1, 2]
+    times = [t for _, t in events]
+    waited = [times[i + 1] - times[i] for i in range(1, len(times), 2)]
+    # 0.1, 0.2, 0.4 s (give or take the threads), not 0.1 s each time.
+    assert waited[1] >= 0.19 and waited[2] >= 0.39, waited

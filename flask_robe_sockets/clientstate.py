@@ -1,0 +1,623 @@
+"""What the Python client knows and decides, apart from any I/O.
+
+:class:`ClientState` is told what happened (the application subscribed or
+sent, a connect started or failed, a frame came, the connection was lost,
+time passed) and answers with the actions the I/O around it carries out:
+texts to write (:class:`Send`), handlers to call (:class:`Emit`), sends to
+settle (:class:`Settle`), when to try again (:class:`Retry`) and when to
+give a silent connection up (:class:`Drop`). It has no sockets, threads or
+locks, reads the time only from the ``clock`` it is given and draws jitter
+only from its ``random``, so tests drive it step by step.
+
+:mod:`flask_robe_sockets.client` wraps it in threads and a socket; the
+browser client (``static/client.js``) has a ``ClientState`` of its own that
+makes the same decisions, and ``tests/client_cases.json`` holds the cases
+both must pass, so the two cannot drift apart.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import random as _random
+import re
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Union
+
+from . import protocol
+from .errors import RobeSocketsError
+
+#: Seconds a connection must last, from ``@connected``, for the reconnect
+#: backoff to start over. One dropped sooner keeps growing it, so a server
+#: that closes every connection right after ``@connected`` is not hammered.
+STABLE_AFTER = 10.0
+
+#: The close code reported when the connection ended without a close frame
+#: (RFC 6455 reserves it for exactly that; it never goes on the wire).
+CLOSE_ABNORMAL = 1006
+
+# Subscribe refusals that may pass on the next connect; any other refusal
+# holds until the application subscribes again.
+_RETRIED_REFUSALS = frozenset({"rate_limited"})
+
+# A number of seconds, as Retry-After gives it (RFC 9110 allows digits
+# only; a fraction is taken too). Anything else, an HTTP-date included,
+# sets no floor: it is not worth a clock here.
+_SECONDS = re.compile(r"\s*(\d+(\.\d*)?|\.\d+)\s*")
+
+
+class ClientError(RobeSocketsError):
+    """Base class of the client's errors.
+
+    Each has a ``code``, as the browser client's errors do: the server's
+    error code for :class:`ReplyError`, else one of the client's own.
+    """
+
+    code = "error"
+
+
+class ReplyError(ClientError):
+    """The server answered ``@error``.
+
+    :param code: the protocol's error code, e.g. ``"forbidden"``.
+    :param message: the server's explanation, for humans.
+    :param channel: the channel the refused frame was on.
+    """
+
+    def __init__(self, code: str, message: str, channel: str | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.channel = channel
+
+
+class SendTimeout(ClientError, TimeoutError):
+    """No answer came in time. A send still queued is dropped; one already
+    sent may still be handled by the server, and its answer is ignored."""
+
+    code = "timeout"
+
+
+class QueueFull(ClientError):
+    """The client is disconnected and already holds ``max_queue`` sends."""
+
+    code = "queue_full"
+
+
+class ConnectionLost(ClientError):
+    """The connection ended after the event was sent and before its answer.
+
+    The server may or may not have handled it: it is not sent again, since
+    handlers need not be idempotent.
+    """
+
+    code = "disconnected"
+
+
+class ClientClosed(ClientError):
+    """The client was closed; it sends nothing more."""
+
+    code = "closed"
+
+
+class ConnectError(ClientError):
+    """A connect attempt failed; the client tries again after a backoff.
+
+    Every failure is retried, refusals included: ``429 rate_limited`` (too
+    many tickets), ``429 identity_limit`` or ``ip_limit`` (too many sockets)
+    and even ``401 unauthorized`` may pass later.
+
+    :param status: the HTTP status of a refused ticket request or
+        handshake, else ``None``.
+    :param code: the ``error`` of the refusal's JSON body, e.g.
+        ``"unauthorized"`` or ``"ticket_used"``; else ``"ticket_failed"``
+        when no ticket came, ``"connect_failed"`` when the socket failed.
+    :param retry_after: the seconds of the refusal's ``Retry-After``
+        header, else ``None``; the next attempt waits at least that long.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        status: int | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code or "connect_failed"
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class ReceivedMessage:
+    """An event from the server, as the client's handlers receive it.
+
+    ``seq`` is the broadcast's position in its channel, ``None`` for a
+    message sent to this connection alone. (What the server's handlers
+    receive from clients is :class:`flask_robe_sockets.Message`.)
+    """
+
+    channel: str | None
+    event: str
+    data: Any = None
+    seq: int | None = None
+
+
+@dataclass(frozen=True)
+class Subscribed:
+    """The server's ``@subscribed``: ``recovered`` is ``False`` when messages
+    missed while disconnected could not be replayed, so the application
+    should reload its state."""
+
+    recovered: bool
+    seq: int
+    epoch: str
+
+
+class ChannelState:
+    """One channel as the state sees it. Only :class:`ClientState` changes it.
+
+    ``seq`` and ``epoch`` are sent back on resubscribe so that the server
+    can replay what came in between.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        #: The last ``seq`` seen here, and the epoch it belongs to.
+        self.seq: int | None = None
+        self.epoch: str | None = None
+        #: Whether the server confirmed the subscription on this connection.
+        self.subscribed = False
+        #: Whether it is subscribed on every connect: not after a refusal,
+        #: until the application subscribes again.
+        self.wanted = True
+        #: The ref of the ``@subscribe`` in flight, if one is.
+        self.subscribe_ref: int | None = None
+
+
+@dataclass(frozen=True)
+class Send:
+    """Write ``text``. ``ref`` is the send it carries, if any: should the
+    write fail, hand it to :meth:`ClientState.unsent`."""
+
+    text: str
+    ref: int | None = None
+
+
+@dataclass(frozen=True)
+class Emit:
+    """Call the handlers of each of ``names`` in turn with ``args``: the
+    client's own when ``channel`` is ``None``, else that channel's, which
+    are skipped once it is no longer held (:meth:`ClientState.holds`)."""
+
+    channel: ChannelState | None
+    names: tuple[str, ...]
+    args: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Settle:
+    """A send is over: its ``request`` gets ``result``, or fails with ``error``."""
+
+    request: Any
+    result: Any = None
+    error: ClientError | None = None
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Connect again after ``delay`` seconds."""
+
+    delay: float
+
+
+@dataclass(frozen=True)
+class Drop:
+    """Give the connection up: it has been silent too long. ``reason`` says how."""
+
+    reason: str
+
+
+Action = Union[Send, Emit, Settle, Retry, Drop]
+
+
+class _Outgoing:
+    """A send, encoded, with the caller's ``request`` to settle when it is over."""
+
+    __slots__ = ("ref", "text", "request")
+
+    def __init__(self, ref: int, text: str, request: Any) -> None:
+        self.ref = ref
+        self.text = text
+        self.request = request
+
+
+class ClientState:
+    """The client's decisions, without I/O.
+
+    Every method returns the list of actions to carry out, in order. The
+    I/O around it calls it under one lock and carries out what it answers.
+
+    :param max_queue: sends that may wait for a connection; more fail with
+        :class:`QueueFull`.
+    :param reconnect_delay: the first backoff ceiling in seconds; it doubles
+        after each failed attempt, up to ``max_reconnect_delay``, and each
+        delay is drawn uniformly below it (full jitter).
+    :param max_reconnect_delay: the largest backoff ceiling, and the most a
+        ``Retry-After`` is waited out.
+    :param ping_interval: seconds of silence after which ``@ping`` is sent;
+        ``None`` or 0 disables it.
+    :param pong_timeout: seconds to wait for anything after a ``@ping``.
+    :param connect_timeout: seconds from :meth:`connecting` to ``@connected``.
+    :param new_channel: makes the object for a newly subscribed channel (the
+        client's :class:`~flask_robe_sockets.client.Channel` is one).
+    :param clock: seconds, for the deadlines and :data:`STABLE_AFTER`.
+    :param random: a float in [0, 1) per backoff, for the jitter; by
+        default :func:`random.random`.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_queue: int = 100,
+        reconnect_delay: float = 0.5,
+        max_reconnect_delay: float = 30.0,
+        ping_interval: float | None = 25.0,
+        pong_timeout: float = 10.0,
+        connect_timeout: float = 10.0,
+        new_channel: Callable[[str], ChannelState] = ChannelState,
+        clock: Callable[[], float] = time.monotonic,
+        random: Callable[[], float] | None = None,
+    ) -> None:
+        self.max_queue = max_queue
+        self.reconnect_delay = reconnect_delay
+        self.max_reconnect_delay = max_reconnect_delay
+        self.ping_interval = ping_interval
+        self.pong_timeout = pong_timeout
+        self.connect_timeout = connect_timeout
+        self._new_channel = new_channel
+        self._clock = clock
+        # Looked up now rather than bound at import, so that a test may
+        # patch random.random before the client is built.
+        self._random = random or _random.random
+        #: Whether ``@connected`` came on the current connection.
+        self.connected = False
+        self.closed = False
+        #: The server's id for the current connection.
+        self.id: str | None = None
+        self.channels: dict[str, ChannelState] = {}
+        self._queue: deque[_Outgoing] = deque()
+        self._pending: dict[int, _Outgoing] = {}
+        self._refs = itertools.count(1)
+        self._attempt = 0
+        self._connecting_since: float | None = None
+        self._connected_at = 0.0
+        self._last_heard = 0.0
+        self._ping_sent_at: float | None = None
+
+    @property
+    def queued(self) -> int:
+        """How many sends wait for a connection."""
+        return len(self._queue)
+
+    def holds(self, channel: ChannelState) -> bool:
+        """Whether ``channel`` is still subscribed, not left meanwhile."""
+        return self.channels.get(channel.name) is channel
+
+    # -- what the application does --------------------------------------
+
+    def subscribe(self, name: str) -> tuple[ChannelState, list[Action]]:
+        """The channel ``name``, wanted from now on, and its ``@subscribe``
+        if connected. After a refusal this asks the server again.
+
+        :raises ValueError: not a channel name the protocol allows.
+        :raises ClientClosed: the client is closed.
+        """
+        if not protocol.is_valid_channel(name):
+            raise ValueError(
+                f"invalid channel name {name!r}: 1 to 128 characters from A-Z a-z 0-9 _ - . : /"
+            )
+        self._check_open()
+        channel = self.channels.get(name)
+        if channel is None:
+            channel = self.channels[name] = self._new_channel(name)
+        channel.wanted = True
+        if self.connected and not channel.subscribed:
+            return channel, self._subscribe(channel)
+        return channel, []
+
+    def unsubscribe(self, name: str) -> list[Action]:
+        """Leave ``name``: its object hears nothing more, and a later
+        :meth:`subscribe` makes a new one."""
+        channel = self.channels.pop(name, None)
+        if channel is None:
+            return []
+        channel.subscribed = False
+        channel.wanted = False
+        if not self.connected:
+            return []
+        return [Send(protocol.dumps({"channel": name, "event": protocol.UNSUBSCRIBE}))]
+
+    def send(self, channel: str, event: str, data: Any, request: Any) -> list[Action]:
+        """Send ``event`` now if connected, else queue it; ``request`` is
+        what a :class:`Settle` hands back when it is answered.
+
+        :raises ValueError: a reserved or malformed event name, or data that
+            is not JSON (``NaN``); ``TypeError`` for data of no JSON type.
+        :raises ClientClosed: the client is closed.
+        :raises QueueFull: disconnected, with ``max_queue`` sends waiting.
+        """
+        if not protocol.is_valid_event(event):
+            raise ValueError(f"invalid event name {event!r}: 1 to 64 characters, not starting with '@'")
+        ref = next(self._refs)
+        # Encoded now, so that data that is not JSON fails in the caller.
+        text = protocol.dumps({"channel": channel, "event": event, "data": data, "ref": ref})
+        self._check_open()
+        outgoing = _Outgoing(ref, text, request)
+        if self.connected:
+            return [self._transmit(outgoing)]
+        if len(self._queue) >= self.max_queue:
+            raise QueueFull(f"{len(self._queue)} sends already wait for the connection (max_queue)")
+        self._queue.append(outgoing)
+        return []
+
+    def withdraw(self, request: Any) -> bool:
+        """Forget a send that timed out; ``False`` if it was settled meanwhile."""
+        for ref, outgoing in self._pending.items():
+            if outgoing.request is request:
+                del self._pending[ref]
+                return True
+        for outgoing in self._queue:
+            if outgoing.request is request:
+                self._queue.remove(outgoing)
+                return True
+        return False
+
+    def unsent(self, refs: Iterable[int]) -> None:
+        """These sends could not be written (the connection broke as they
+        went out): the server got no whole frame, so they wait in front of
+        the queue, in order, for the next connection."""
+        outgoing = [self._pending.pop(ref) for ref in refs if ref in self._pending]
+        self._queue.extendleft(reversed(outgoing))
+
+    def close(self) -> list[Action]:
+        """Close for good: queued sends fail; :meth:`lost` follows for the
+        connection, if there is one, and no :class:`Retry` comes again."""
+        if self.closed:
+            return []
+        self.closed = True
+        queued = list(self._queue)
+        self._queue.clear()
+        error = ClientClosed("the client was closed before this was sent")
+        return [Settle(outgoing.request, error=error) for outgoing in queued]
+
+    # -- what the connection does ---------------------------------------
+
+    def connecting(self) -> None:
+        """A connect is under way: ``@connected`` must come within
+        ``connect_timeout`` from now (:meth:`tick` drops it after)."""
+        self._connecting_since = self._clock()
+
+    def connect_failed(self, error: ConnectError) -> list[Action]:
+        """A connect attempt failed before the socket was open: report it and
+        retry after the backoff, no sooner than its ``retry_after``."""
+        self._connecting_since = None
+        if self.closed:  # close() cut it short
+            return []
+        return [Emit(None, ("error",), (error,)), self._retry(error.retry_after)]
+
+    def heard(self) -> None:
+        """Bytes came from the server: it is alive, whatever they were."""
+        self._last_heard = self._clock()
+        self._ping_sent_at = None
+
+    def receive(self, text: str) -> list[Action]:
+        """A text frame from the server.
+
+        :raises ValueError: the text is not JSON (and ``KeyError`` or
+            ``TypeError`` a frame that lacks what its event needs); the
+            caller logs it and reads on.
+        """
+        self.heard()
+        frame = json.loads(text)
+        event = frame["event"]
+        channel = frame.get("channel")
+        data = frame.get("data")
+        ref = frame.get("ref")
+        if event == protocol.CONNECTED:
+            return self._on_connected(data)
+        if event == protocol.REPLY:
+            request = self._answered_send(ref)
+            return [] if request is None else [Settle(request, data)]
+        if event == protocol.ERROR:
+            return self._on_error(ReplyError(data["code"], data["message"], channel), ref)
+        if event == protocol.SUBSCRIBED:
+            target = self._answered_subscribe(channel, ref)
+            if target is None:
+                return []
+            return self._on_subscribed(target, Subscribed(data["recovered"], data["seq"], data["epoch"]))
+        if event in (protocol.PONG, protocol.UNSUBSCRIBED):
+            return []  # reading it was the point
+        return self._on_message(ReceivedMessage(channel, event, data, frame.get("seq")))
+
+    def tick(self) -> list[Action]:
+        """Time passed: ``@ping`` a silent connection, drop one that stayed
+        silent after it or never sent ``@connected``."""
+        now = self._clock()
+        if not self.connected:
+            since = self._connecting_since
+            if since is not None and now - since >= self.connect_timeout:
+                return [Drop(f"no @connected within {self.connect_timeout}s")]
+            return []
+        if self._ping_sent_at is not None:
+            if now - self._ping_sent_at >= self.pong_timeout:
+                return [Drop(f"no answer to @ping within {self.pong_timeout}s: connection lost")]
+            return []
+        if self.ping_interval and now - self._last_heard >= self.ping_interval:
+            self._ping_sent_at = now
+            return [Send(protocol.dumps({"event": protocol.PING}))]
+        return []
+
+    def wait_time(self) -> float | None:
+        """Seconds until :meth:`tick` has something to do; ``None`` for never."""
+        if not self.connected:
+            if self._connecting_since is None:
+                return None
+            deadline = self._connecting_since + self.connect_timeout
+        elif self._ping_sent_at is not None:
+            deadline = self._ping_sent_at + self.pong_timeout
+        elif self.ping_interval:
+            deadline = self._last_heard + self.ping_interval
+        else:
+            return None
+        return max(deadline - self._clock(), 0.0)
+
+    def lost(self, code: int | None) -> list[Action]:
+        """The connection ended with close ``code`` (``None``: without a
+        close frame). Sends on the wire fail (the server may have run them,
+        so they are not sent again); queued ones wait for the next."""
+        was_connected = self.connected
+        self.connected = False
+        self.id = None
+        self._connecting_since = self._ping_sent_at = None
+        for channel in self.channels.values():
+            channel.subscribed = False
+            channel.subscribe_ref = None
+        unanswered = list(self._pending.values())
+        self._pending.clear()
+        if self.closed:
+            code = protocol.CLOSE_NORMAL  # whatever the server answered, or not
+        elif code is None:
+            code = CLOSE_ABNORMAL
+        actions: list[Action] = []
+        for outgoing in unanswered:
+            error = (
+                ClientClosed("the client was closed before the server answered")
+                if self.closed
+                else ConnectionLost(f"the connection closed ({code}) before the server answered")
+            )
+            actions.append(Settle(outgoing.request, error=error))
+        if was_connected:
+            if self._clock() - self._connected_at >= STABLE_AFTER:
+                self._attempt = 0
+            actions.append(Emit(None, ("disconnect",), (code,)))
+        elif not self.closed:
+            error = ConnectError(f"the connection closed ({code}) before @connected")
+            actions.append(Emit(None, ("error",), (error,)))
+        if not self.closed:
+            actions.append(self._retry())
+        return actions
+
+    # -- helpers ----------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ClientClosed("the client is closed")
+
+    def _retry(self, at_least: float | None = None) -> Retry:
+        """The next attempt, after full jitter below a doubling ceiling, but
+        no sooner than the server's ``Retry-After`` said (up to
+        ``max_reconnect_delay``, whatever the server said)."""
+        ceiling = min(self.max_reconnect_delay, self.reconnect_delay * 2 ** min(self._attempt, 32))
+        self._attempt += 1
+        floor = min(at_least or 0.0, self.max_reconnect_delay)
+        return Retry(max(self._random() * ceiling, floor))
+
+    def _transmit(self, outgoing: _Outgoing) -> Send:
+        self._pending[outgoing.ref] = outgoing
+        return Send(outgoing.text, outgoing.ref)
+
+    def _subscribe(self, channel: ChannelState) -> list[Action]:
+        if channel.subscribe_ref is not None:
+            return []  # one is on its way
+        channel.subscribe_ref = next(self._refs)
+        frame: dict[str, Any] = {
+            "channel": channel.name, "event": protocol.SUBSCRIBE, "ref": channel.subscribe_ref
+        }
+        if channel.epoch is not None:
+            frame["data"] = {"since": channel.seq, "epoch": channel.epoch}
+        return [Send(protocol.dumps(frame))]
+
+    def _on_connected(self, data: dict[str, Any]) -> list[Action]:
+        if self.closed:
+            return []
+        self.id = data["id"]
+        self.connected = True
+        self._connecting_since = None
+        self._connected_at = self._clock()
+        actions: list[Action] = []
+        for channel in self.channels.values():
+            if channel.wanted:
+                actions += self._subscribe(channel)
+        # Subscribes first, then what waited, in the order it was sent.
+        while self._queue:
+            actions.append(self._transmit(self._queue.popleft()))
+        actions.append(Emit(None, ("connect",), ()))
+        return actions
+
+    def _answered_send(self, ref: Any) -> Any:
+        outgoing = self._pending.pop(ref, None) if isinstance(ref, int) else None
+        return None if outgoing is None else outgoing.request
+
+    def _answered_subscribe(self, name: str | None, ref: Any) -> ChannelState | None:
+        """The channel whose ``@subscribe`` this answers, if it is still held."""
+        channel = self.channels.get(name) if name is not None else None
+        if channel is None or ref is None or channel.subscribe_ref != ref:
+            return None  # unsubscribed meanwhile, or an answer we did not ask for
+        channel.subscribe_ref = None
+        return channel
+
+    def _on_error(self, error: ReplyError, ref: Any) -> list[Action]:
+        request = self._answered_send(ref)
+        if request is not None:
+            return [Settle(request, error=error)]
+        actions: list[Action] = []
+        refused = self._answered_subscribe(error.channel, ref)
+        if refused is not None:
+            # Refused for good, until subscribe() asks again; but a
+            # subscribe that was only rate limited is tried on the next connect.
+            refused.wanted = error.code in _RETRIED_REFUSALS
+            actions.append(Emit(refused, ("error",), (error,)))
+        actions.append(Emit(None, ("error",), (error,)))
+        return actions
+
+    def _on_subscribed(self, channel: ChannelState, subscribed: Subscribed) -> list[Action]:
+        channel.subscribed = True
+        if not subscribed.recovered:
+            # Nothing replayed: new messages follow this seq. When recovered,
+            # the replay that follows moves seq on by itself.
+            channel.seq = subscribed.seq
+        channel.epoch = subscribed.epoch
+        return [Emit(channel, ("subscribed",), (subscribed,))]
+
+    def _on_message(self, message: ReceivedMessage) -> list[Action]:
+        channel = self.channels.get(message.channel) if message.channel is not None else None
+        if channel is not None:
+            if message.seq is not None:
+                channel.seq = message.seq
+            names = ("message",) if message.event == "message" else ("message", message.event)
+            return [Emit(channel, names, (message,))]
+        if message.seq is None:  # to this connection alone
+            return [Emit(None, ("message",), (message,))]
+        return []  # a broadcast on a channel just left
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """The seconds of a ``Retry-After`` header; ``None`` when absent or not
+    a number of seconds."""
+    if value is None or _SECONDS.fullmatch(value) is None:
+        return None
+    seconds = float(value)
+    return seconds if seconds < float("inf") else None  # hundreds of digits
+
+
+def error_name(body: bytes) -> str | None:
+    """The ``error`` of a refusal's JSON body, e.g. ``"ticket_used"``."""
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return None
+    error = value.get("error") if isinstance(value, dict) else None
+    return error if isinstance(error, str) else None
