@@ -16,7 +16,7 @@ The bounds follow from the protocol's limits, read from the config:
   worker is idle again within a second of the attacker stopping, and a
   SIGTERM does not wait for a backlog;
 - the work per frame is linear in its size, so frames chosen to be the
-  dearest to parse, sent at the full byte rate, cost at most a quarter of
+  dearest to parse, sent at the full rates, cost at most a quarter of
   a core;
 - the send queue is bounded in bytes, so clients that never read cost at
   most their queues.
@@ -75,7 +75,6 @@ class Endless:
 
     def __init__(self, stream: bytes) -> None:
         self.view, self.pos = memoryview(stream), 0
-        self.frames = 0
 
     def pending(self, now: float):
         return self.view[self.pos:self.pos + 256 * 1024]
@@ -88,30 +87,30 @@ class Endless:
 
 
 class Paced:
-    """Frames ``make(n)`` (n = 1, 2, ...) sent within a byte budget.
+    """Frames ``make(n)`` (n = 1, 2, ...) sent within a byte budget and a frame budget.
 
-    The budget is ``burst`` bytes at once, then ``rate`` bytes a second: the
-    attacker sends as much as the limits allow, and no more. A frame goes
-    out whole once the budget covers it.
+    Each budget is a burst at once, then a rate a second, as the server's
+    limits are: ``byte_rate=(rate, burst)``, ``frame_rate=(rate, burst)``
+    (``None``: no frame budget). The attacker sends as much as the limits allow, and
+    no more. A frame goes out whole once both budgets cover it.
     """
 
-    def __init__(self, make, rate: float, burst: float, count: int | None = None) -> None:
-        self.make, self.rate, self.burst, self.count = make, rate, burst, count
+    def __init__(self, make, byte_rate: tuple, frame_rate: tuple | None = None,
+                 count: int | None = None) -> None:
+        self.make, self.count = make, count
+        self.byte_budget, self.frame_budget = byte_rate, frame_rate
         self.started = time.monotonic()
         self.budgeted = 0  # bytes of the frames taken so far
         self.frames = 0
         self.current, self.pos = None, 0
         self._next = make(1)
 
-    def _allowed(self, now: float) -> float:
-        return self.burst + self.rate * (now - self.started)
-
     def pending(self, now: float):
         if self.current is not None and self.pos < len(self.current):
             return self.current[self.pos:]
         if self.count is not None and self.frames >= self.count:
             return None
-        if self.budgeted + len(self._next) > self._allowed(now):
+        if self.wake_at() > now:
             return None
         self.current, self.pos = memoryview(self._next), 0
         self.budgeted += len(self._next)
@@ -123,11 +122,26 @@ class Paced:
         self.pos += count
 
     def wake_at(self) -> float | None:
+        """When the budgets cover the next frame (None: one is being sent)."""
         if self.current is not None and self.pos < len(self.current):
             return None
         if self.count is not None and self.frames >= self.count:
             return float("inf")
-        return self.started + (self.budgeted + len(self._next) - self.burst) / self.rate
+        rate, burst = self.byte_budget
+        at = self.started + (self.budgeted + len(self._next) - burst) / rate
+        if self.frame_budget is not None:
+            rate, burst = self.frame_budget
+            at = max(at, self.started + (self.frames + 1 - burst) / rate)
+        return at
+
+    def count_within(self, wire: int, seconds: float) -> int:
+        """Frames of ``wire`` bytes the budgets allow over ``seconds``."""
+        rate, burst = self.byte_budget
+        count = (burst + rate * seconds) // wire
+        if self.frame_budget is not None:
+            rate, burst = self.frame_budget
+            count = min(count, burst + rate * seconds)
+        return int(count)
 
 
 @dataclass
@@ -416,18 +430,25 @@ def _frame_text(data: str, ref: int) -> bytes:
     return ('{"channel":"chat","event":"x","ref":%d,"data":%s}' % (ref, data)).encode()
 
 
-def _allowed_depth(ws: RawWebSocket, limit: int = 80) -> int:
-    """The deepest nesting of ``data`` the server accepts (answered as anything but bad_frame)."""
-    deepest = 0
-    for depth in range(1, limit):
+def _allowed_depth(ws: RawWebSocket, limit: int = 128) -> tuple[int, int]:
+    """The deepest nesting of ``data`` the server accepts, and the frames it took to find.
+
+    Answered as anything but ``bad_frame`` means accepted (a refused frame
+    may carry no ``ref``: its text was refused before it was parsed).
+    """
+    low, high, probes = 0, limit, 0  # low is accepted, high is not
+    while high - low > 1:
+        depth = (low + high) // 2
         ws.send_raw(build_frame(TEXT, _frame_text(_nest(depth), depth)))
+        probes += 1
         answer = ws.recv_json()
         if answer["event"] == "@error" and answer["data"]["code"] == "bad_frame":
-            break
-        assert answer.get("ref") == depth, answer
-        deepest = depth
-    assert 0 < deepest < limit - 1, f"nesting accepted up to {deepest}"
-    return deepest
+            high = depth
+        else:
+            assert answer.get("ref") == depth, answer
+            low = depth
+    assert 0 < low < limit - 1, f"nesting accepted up to {low}"
+    return low, probes
 
 
 @pytest.fixture(scope="module")
@@ -437,38 +458,44 @@ def json_server():
     srv.stop()
 
 
+@pytest.mark.parametrize("size", ["largest", "both_rates"])
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_dearest_json_within_the_rate_is_cheap(json_server, shape):
+def test_dearest_json_within_the_rate_is_cheap(json_server, shape, size):
     """Valid JSON at the full allowed rate costs at most a quarter of a core.
 
-    The attacker sends its byte-rate burst at once, then paces itself just
-    under ``BYTE_RATE_LIMIT`` (the frame rate is far off for frames this
-    large), for several seconds. It stays within the rate, so it is never
+    Two sizes: the largest message (the byte rate binds), and the size at
+    which both rates bind at once (``BYTE_RATE_LIMIT``'s rate over
+    ``RATE_LIMIT``'s: as many frames and as many bytes as allowed). The
+    attacker sends the bursts at once, then paces itself at 90% of both
+    rates for several seconds. It stays within the rate, so it is never
     closed and every frame is answered (``unknown_event``, or ``bad_frame``
     if the server refuses the shape from its text), never ``rate_limited``.
     The CPU window runs from the first frame to the last answer.
     """
     srv, conf = json_server, settings(CONFIG)
-    found = Findings(f"dearest JSON: {shape}")
+    found = Findings(f"dearest JSON: {shape} {size}")
     pid = worker_pid(srv)
     assert drained(pid, within=5), "the worker is busy before the test"
     rate, burst = conf["ROBE_SOCKETS_BYTE_RATE_LIMIT"]
     frame_rate, frame_burst = conf["ROBE_SOCKETS_RATE_LIMIT"]
-    size = conf["ROBE_SOCKETS_MAX_MESSAGE_SIZE"] - 512
-    seconds = 5.0
+    largest = conf["ROBE_SOCKETS_MAX_MESSAGE_SIZE"]
+    target = largest - 512 if size == "largest" else min(largest, rate // frame_rate) - 16
+    seconds = 4.0
     with Honest(srv) as honest:
         a = open_attacker(srv)
         try:
-            depth = _allowed_depth(a.ws)
-            data = SHAPES[shape](size, depth)
+            depth, probes = _allowed_depth(a.ws)
+            data = SHAPES[shape](target - 48, depth)
             sample = _frame_text(data, 10 ** 6)
-            assert size - 200 < len(sample) <= conf["ROBE_SOCKETS_MAX_MESSAGE_SIZE"], len(sample)
+            assert target - 200 < len(sample) <= largest, len(sample)
             wire = len(build_frame(TEXT, sample))
-            assert rate * 0.9 / wire < frame_rate, "the frame rate would bind first"
-            # What the byte budget holds after the probes, with a margin.
-            count = int((burst * 0.9 + rate * 0.9 * seconds) // wire)
-            a.source = Paced(lambda n: build_frame(TEXT, _frame_text(data, n)),
-                             rate * 0.9, burst * 0.9 - 64 * 1024, count)
+            # 90% of each rate; the bursts less what the probes took.
+            source = Paced(lambda n: build_frame(TEXT, _frame_text(data, n)),
+                           byte_rate=(rate * 0.9, burst * 0.9 - 64 * 1024),
+                           frame_rate=(frame_rate * 0.9, frame_burst * 0.9 - probes))
+            count = source.count_within(wire, seconds)
+            source.count = count
+            a.source = source
             with CpuMeter(pid) as cpu:
                 flood([a], seconds + 10, stop_when=lambda: len(a.answers) >= count
                       or a.close_code is not None, poll=0.02)
@@ -480,7 +507,8 @@ def test_dearest_json_within_the_rate_is_cheap(json_server, shape):
         key = answer["data"]["code"] if answer["event"] == "@error" else answer["event"]
         codes[key] = codes.get(key, 0) + 1
     found.note(frame_bytes=len(sample), depth=depth, frames=count, answered=len(a.answers),
-               answers=codes, window_s=cpu.wall, worker_cpu=cpu.fraction,
+               answers=codes, window_s=cpu.wall, frames_per_s=count / cpu.wall,
+               KiB_per_s=count * wire / cpu.wall / 1024, worker_cpu=cpu.fraction,
                cpu_ms_per_frame=cpu.seconds / max(1, count) * 1000)
     found.check(a.close_code is None and a.eof_after is None and a.ended_after is None,
                 f"the attacker was closed ({a.close_code}) within the rate")
@@ -545,7 +573,7 @@ def test_send_queue_is_bounded_in_bytes(make_server):
                 answer = a.ws.request({"channel": f"slow:{i}", "event": "@subscribe", "ref": "s"})
                 assert answer["event"] == "@subscribed", answer
                 a.reading = False
-                a.source = Paced(ping, rate * 0.9, burst * 0.9)
+                a.source = Paced(ping, byte_rate=(rate * 0.9, burst * 0.9))
             with CpuMeter(pid) as cpu:
                 wall = flood(attackers, within, stop_when=dropped, poll=0.1)
             all_dropped = dropped()
