@@ -2,81 +2,117 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Hashable, Protocol
 
 from . import protocol
-
-if TYPE_CHECKING:
-    from .connection import Connection
 
 log = logging.getLogger("flask_robe_sockets")
 
 
-class Hub:
-    """Which local connections are on which channel.
+class Subscriber(Hashable, Protocol):
+    """What the hub delivers to: a connection's session."""
 
-    A connection joins in two steps so that recovery has no gap and no
+    def push(self, frame: bytes) -> None: ...
+
+
+class Hub:
+    """Which local subscribers are on which channel, indexed both ways.
+
+    The hub is the one owner of membership: nothing else keeps a copy of who
+    is on a channel or of a subscriber's channels.
+
+    A subscriber joins in two steps so that recovery has no gap and no
     duplicate at the seam: ``begin_join`` starts buffering the channel's live
     broadcasts for it, the caller reads the history and sends the replay,
     then ``end_join`` hands over the buffered broadcasts the replay did not
-    cover and makes it a member.
+    cover and makes it a member. From ``begin_join`` on the channel counts
+    among its channels.
     """
 
     def __init__(self, on_first: Callable[[str], None], on_last: Callable[[str], None]) -> None:
-        self.members: dict[str, set[Connection]] = {}
-        self._joining: dict[str, dict[Connection, list[tuple[int, bytes]]]] = {}
+        self._members: dict[str, set[Subscriber]] = {}
+        self._joining: dict[str, dict[Subscriber, list[tuple[int, bytes]]]] = {}
+        self._channels: dict[Subscriber, set[str]] = {}
         self._on_first = on_first
         self._on_last = on_last
 
     def _in_use(self, channel: str) -> bool:
-        return channel in self.members or channel in self._joining
+        return channel in self._members or channel in self._joining
 
-    def begin_join(self, conn: "Connection", channel: str) -> None:
+    def channels_of(self, subscriber: Subscriber) -> frozenset[str]:
+        """The channels ``subscriber`` is on, or joining."""
+        return frozenset(self._channels.get(subscriber, ()))
+
+    def has(self, subscriber: Subscriber, channel: str) -> bool:
+        """Whether ``subscriber`` is on ``channel``, or joining it."""
+        channels = self._channels.get(subscriber)
+        return channels is not None and channel in channels
+
+    def member_counts(self) -> dict[str, int]:
+        """Members per channel with any, joins under way not counted."""
+        return {channel: len(members) for channel, members in self._members.items()}
+
+    def joins_under_way(self) -> list[str]:
+        """Channels someone is joining right now."""
+        return sorted(self._joining)
+
+    def begin_join(self, subscriber: Subscriber, channel: str) -> None:
         first = not self._in_use(channel)
-        self._joining.setdefault(channel, {})[conn] = []
+        self._joining.setdefault(channel, {})[subscriber] = []
+        self._channels.setdefault(subscriber, set()).add(channel)
         if first:
             self._on_first(channel)
 
-    def end_join(self, conn: "Connection", channel: str, last_seq: int) -> None:
+    def end_join(self, subscriber: Subscriber, channel: str, last_seq: int) -> None:
         """Finish a join; ``last_seq`` is the newest broadcast already sent."""
         joining = self._joining.get(channel)
-        pending = joining.pop(conn, None) if joining else None
+        pending = joining.pop(subscriber, None) if joining else None
         if joining is not None and not joining:
             del self._joining[channel]
         if pending is None:  # it left (or disconnected) while joining
             return
         for seq, frame in pending:
             if seq > last_seq:
-                conn.push(frame)
-        self.members.setdefault(channel, set()).add(conn)
+                subscriber.push(frame)
+        self._members.setdefault(channel, set()).add(subscriber)
 
-    def leave(self, conn: "Connection", channel: str) -> None:
-        removed = False
-        members = self.members.get(channel)
-        if members is not None and conn in members:
-            removed = True
-            members.discard(conn)
+    def leave(self, subscriber: Subscriber, channel: str) -> None:
+        """Take ``subscriber`` off ``channel`` (or out of its join); safe to repeat."""
+        channels = self._channels.get(subscriber)
+        if channels is None or channel not in channels:
+            return
+        channels.discard(channel)
+        if not channels:
+            del self._channels[subscriber]
+        members = self._members.get(channel)
+        if members is not None:
+            members.discard(subscriber)
             if not members:
-                del self.members[channel]
+                del self._members[channel]
         joining = self._joining.get(channel)
-        if joining is not None and conn in joining:
-            removed = True
-            del joining[conn]
+        if joining is not None:
+            joining.pop(subscriber, None)
             if not joining:
                 del self._joining[channel]
-        if removed and not self._in_use(channel):
+        if not self._in_use(channel):
             self._on_last(channel)
+
+    def leave_all(self, subscriber: Subscriber) -> None:
+        """Take ``subscriber`` off every channel at once, e.g. when it closes."""
+        for channel in tuple(self._channels.get(subscriber, ())):
+            self.leave(subscriber, channel)
 
     def deliver(self, channel: str, seq: int, frame: bytes) -> None:
         """Queue one ready frame for every local member of ``channel``."""
-        members = self.members.get(channel)
+        members = self._members.get(channel)
         if members:
-            # A copy: a member that overflows leaves the set during the loop.
-            for conn in tuple(members):
+            # A copy: a member whose queue overflows closes, and so leaves
+            # this very set (hub.leave_all) while the loop runs.
+            for subscriber in tuple(members):
                 try:
-                    conn.push(frame)
+                    subscriber.push(frame)
                 except Exception:  # one broken connection must not cost the others
-                    log.exception("could not queue a broadcast on %r for %s", channel, conn)
+                    log.exception("could not queue a broadcast on %r for %s", channel, subscriber)
         joining = self._joining.get(channel)
         if joining:
             for buffer in tuple(joining.values()):

@@ -1,19 +1,17 @@
-"""The Flask extension: registration API, HTTP endpoints and the handshake."""
+"""The Flask extension: registration API and HTTP endpoints."""
 from __future__ import annotations
 
 import logging
 import math
 import os
 from typing import Any, Callable, TypeVar
-from urllib.parse import urlsplit
 
 from flask import Flask, Response, current_app, jsonify, request, send_from_directory
 
-from . import config as config_module
+from . import config, handshake
 from .channels import Channel
 from .connection import Connection
-from .errors import ConfigurationError, BackendUnavailable, TicketError
-from .message import Message
+from .dispatch import Router
 from .server import SocketServer
 
 log = logging.getLogger("flask_robe_sockets")
@@ -21,20 +19,6 @@ log = logging.getLogger("flask_robe_sockets")
 _STATIC = os.path.join(os.path.dirname(__file__), "static")
 
 F = TypeVar("F", bound=Callable[..., Any])
-Handler = Callable[[Message, Connection], Any]
-
-
-class _Refused(Exception):
-    """A handshake refused before the upgrade."""
-
-    def __init__(self, status: int, error: str) -> None:
-        super().__init__(error)
-        self.status = status
-        self.error = error
-
-
-#: The HTTP status of each refusal by a full connection limit.
-_LIMIT_STATUS = {"identity_limit": 429, "ip_limit": 429, "too_many_connections": 503}
 
 
 def _json_error(status: int, error: str) -> Response:
@@ -62,42 +46,22 @@ class RobeSockets:
     """
 
     def __init__(self, app: Flask | None = None) -> None:
-        self._handlers: list[tuple[str, str, Handler]] = []
-        self._connect_hooks: list[Callable[[Connection], Any]] = []
-        self._disconnect_hooks: list[Callable[[Connection], Any]] = []
-        self._authorize_hook: Callable[[Connection, str], bool] | None = None
-        self._identity_loader: Callable[[], Any] | None = None
+        #: What the application registered: handlers, hooks, the identity loader.
+        self.router = Router()
         self._servers: list[SocketServer] = []
         if app is not None:
             self.init_app(app)
 
     def init_app(self, app: Flask) -> None:
-        """Read the ``ROBE_SOCKETS_*`` config and mount the endpoints."""
-        settings = config_module.load(app.config)
-        path = settings["ROBE_SOCKETS_PATH"].rstrip("/")
-        if not path.startswith("/"):
-            raise ConfigurationError(f"ROBE_SOCKETS_PATH must start with '/', got {path!r}")
-        for key, unit in (
-            ("ROBE_SOCKETS_RATE_LIMIT", "frames"),
-            ("ROBE_SOCKETS_BYTE_RATE_LIMIT", "bytes"),
-            ("ROBE_SOCKETS_TICKET_RATE_LIMIT", "tickets"),
-        ):
-            rate = settings[key]
-            if not (isinstance(rate, (tuple, list)) and len(rate) == 2 and rate[0] > 0 and rate[1] >= 1):
-                raise ConfigurationError(f"{key} must be ({unit} per second, burst), got {rate!r}")
-        ping = settings["ROBE_SOCKETS_PING_INTERVAL"]
-        if ping is not None and not ping > 0:
-            raise ConfigurationError(
-                f"ROBE_SOCKETS_PING_INTERVAL must be seconds above 0, or None to turn pings off, got {ping!r}"
-            )
-        if settings["ROBE_SOCKETS_TICKETS_REQUIRED"] and not app.secret_key:
-            raise ConfigurationError(
-                "tickets are signed with the app's SECRET_KEY: set app.secret_key,"
-                " or set ROBE_SOCKETS_TICKETS_REQUIRED = False"
-            )
-        server = SocketServer(app, self, settings)
+        """Read the ``ROBE_SOCKETS_*`` config and mount the endpoints.
+
+        :raises ConfigurationError: a setting cannot work, naming the fix.
+        """
+        settings = config.load(app.config)
+        server = SocketServer(app, self.router, settings)
         app.extensions["robe_sockets"] = server
         self._servers.append(server)
+        path = settings.path
         # Werkzeug routes upgrade requests only to websocket rules, and
         # answers the others with its own HTML 400: one rule for each, so
         # that every refusal is the protocol's JSON.
@@ -122,19 +86,19 @@ class RobeSockets:
             raise ValueError(f"invalid event name {event!r}: names starting with '@' are reserved")
 
         def decorator(handler: F) -> F:
-            self._handlers.append((channel, event, handler))
+            self.router.add_handler(channel, event, handler)
             return handler
 
         return decorator
 
     def on_connect(self, hook: F) -> F:
         """Register ``hook(connection)``, called once ``@connected`` is queued for it."""
-        self._connect_hooks.append(hook)
+        self.router.connect_hooks.append(hook)
         return hook
 
     def on_disconnect(self, hook: F) -> F:
         """Register ``hook(connection)``, called once when the connection ends."""
-        self._disconnect_hooks.append(hook)
+        self.router.disconnect_hooks.append(hook)
         return hook
 
     def authorize(self, hook: F) -> F:
@@ -142,12 +106,7 @@ class RobeSockets:
         and every application event; ``False`` (or raising ``Forbidden``)
         answers ``@error forbidden``. There is one: a second would silently
         undo the first one's checks, so it is refused."""
-        if self._authorize_hook is not None:
-            raise ConfigurationError(
-                f"an authorize hook is already set ({self._authorize_hook.__name__}):"
-                " combine the checks in one function"
-            )
-        self._authorize_hook = hook
+        self.router.set_authorize(hook)
         return hook
 
     def identity_loader(self, loader: F) -> F:
@@ -156,20 +115,8 @@ class RobeSockets:
         Returning ``None`` refuses the ticket with 401. Without a loader,
         every caller gets a ticket with identity ``None``.
         """
-        if self._identity_loader is not None:
-            raise ConfigurationError(
-                f"an identity loader is already set ({self._identity_loader.__name__})"
-            )
-        self._identity_loader = loader
+        self.router.set_identity_loader(loader)
         return loader
-
-    def _handlers_for(self, channel: str, event: str) -> list[Handler]:
-        return [
-            handler
-            for pattern, name, handler in self._handlers
-            if name == event
-            and (pattern == channel or (pattern.endswith("*") and channel.startswith(pattern[:-1])))
-        ]
 
     # -- sending ---------------------------------------------------------
 
@@ -208,8 +155,8 @@ class RobeSockets:
             # No SECRET_KEY to sign with (allowed when tickets are optional):
             # clients must connect without one (browser: ticketUrl: null).
             return _json_error(404, "tickets_disabled")
-        identity = self._identity_loader() if self._identity_loader else None
-        if identity is None and self._identity_loader is not None:
+        identity = self.router.load_identity()
+        if identity is None and self.router.has_identity_loader:
             return _json_error(401, "unauthorized")
         wait = server.ticket_limit.check(identity, request.remote_addr)
         if wait:
@@ -224,82 +171,29 @@ class RobeSockets:
     def _socket_view(self) -> Any:
         server: SocketServer = current_app.extensions["robe_sockets"]
         try:
-            identity = _check_handshake(server)
-        except _Refused as refused:
+            identity = handshake.check(
+                request.headers,
+                request.args.get("ticket"),
+                request.remote_addr,
+                request.scheme,
+                request.host,
+                server.settings,
+                server.tickets,
+            )
+        except handshake.Refused as refused:
             return _refuse(refused.status, refused.error)
         # The last checks of the table: the connection limits, whose slot is
         # held until the socket ends, however it ends.
-        with server.slot(identity, request.remote_addr) as full:
+        with server.slots.reserve(identity, request.remote_addr) as full:
             if full is not None:
-                return _refuse(_LIMIT_STATUS[full], full)
-            conn = Connection(server, identity, request.remote_addr)
-            conn.serve(request.environ)
+                return _refuse(handshake.LIMIT_STATUS[full], full)
+            server.serve(request.environ, identity, request.remote_addr)
         return _SocketEnded()
 
 
 def _refuse(status: int, error: str) -> Response:
     log.info("handshake from %s refused: %s", request.remote_addr, error)
     return _json_error(status, error)
-
-
-def _check_handshake(server: SocketServer) -> Any:
-    """Run the checks of PROTOCOL.md section 2, in its order, up to the
-    ticket's; the connection limits that follow are ``server.slot()``'s.
-
-    Everything here happens before the upgrade, so a refusal is a plain
-    HTTP answer. Returns the ticket's identity.
-    """
-    config = server.config
-    headers = request.headers
-    # The checks wsproto makes when it accepts: one it would refuse must be
-    # answered here, or it fails inside the upgrade as a 500.
-    if (
-        headers.get("Upgrade", "").lower() != "websocket"
-        or "upgrade" not in {token.strip().lower() for token in headers.get("Connection", "").split(",")}
-        or not headers.get("Sec-WebSocket-Key")
-        or headers.get("Sec-WebSocket-Version") != "13"
-        or not headers.get("Host")
-    ):
-        raise _Refused(400, "not_websocket")
-    origin = request.headers.get("Origin")
-    if origin is not None and not _origin_allowed(origin, config["ROBE_SOCKETS_ALLOWED_ORIGINS"]):
-        raise _Refused(403, "origin_not_allowed")
-    ticket = request.args.get("ticket")
-    identity = None
-    if ticket is None:
-        if config["ROBE_SOCKETS_TICKETS_REQUIRED"]:
-            raise _Refused(401, "ticket_missing")
-    elif server.tickets is None:
-        raise _Refused(401, "ticket_invalid")
-    else:
-        try:
-            identity = server.tickets.verify(ticket, request.remote_addr)
-        except TicketError as exc:
-            raise _Refused(401, exc.code) from None
-        except BackendUnavailable:
-            # The used-nonce store (Redis) is down: the ticket cannot be
-            # checked for reuse. Not in PROTOCOL.md's table; the closest
-            # reading is a retryable 503 with a JSON body like the others.
-            log.warning("cannot check a ticket: the backend is unreachable")
-            raise _Refused(503, "backend_unavailable") from None
-    return identity
-
-
-#: The origin scheme a page must have to open a socket over each request scheme.
-_PAGE_SCHEME = {"http": "http", "ws": "http", "https": "https", "wss": "https"}
-
-
-def _origin_allowed(origin: str, allowed: list[str] | None) -> bool:
-    if allowed is None:
-        # The same host, and a web page's scheme matching the request's (as
-        # ProxyFix reports it): an https page behind the proxy, an http page
-        # without one; never ftp: or an opaque "null".
-        parts = urlsplit(origin)
-        return (
-            parts.scheme.lower() == _PAGE_SCHEME.get(request.scheme.lower())
-            and parts.netloc.lower() == request.host.lower()
-        )
-    return "*" in allowed or origin.rstrip("/").lower() in {o.rstrip("/").lower() for o in allowed}
 
 
 class _SocketEnded(Response):

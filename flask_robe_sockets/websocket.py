@@ -22,10 +22,14 @@ production:
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
 import time
 from typing import Callable
 
+import gevent
 import simple_websocket
+from gevent import monkey
 from wsproto.events import AcceptConnection, Request
 
 from . import protocol
@@ -37,6 +41,35 @@ log = logging.getLogger("flask_robe_sockets")
 TURN_BYTES = 65536
 
 
+def under_gevent() -> bool:
+    """Whether this process runs on gevent's loop (gunicorn's gevent worker).
+
+    The flusher and the raw reader greenlets need that loop; under a
+    threaded server (``flask run``) nothing would ever run them, so each
+    connection uses a reader thread and its own writer wakes up instead.
+    """
+    return monkey.is_module_patched("socket")
+
+
+class _Reader:
+    """simple-websocket's reader thread, as a raw greenlet.
+
+    Its default, a monkey-patched ``threading.Thread``, costs about 3 KB more
+    per idle connection (thread object, locks, registry entry), and even a
+    ``gevent.Greenlet`` 2.5 KB (it records the stack that spawned it).
+    simple-websocket renames its thread after creating it, hence ``name``.
+    """
+
+    __slots__ = ("name", "_target")
+
+    def __init__(self, target: Callable[[], None]) -> None:
+        self.name = "simple_websocket.Base._thread"
+        self._target = target
+
+    def start(self) -> None:
+        gevent.spawn_raw(self._target)
+
+
 class ServerSocket(simple_websocket.Server):
     """One accepted WebSocket whose frames are passed to ``listener``.
 
@@ -46,14 +79,7 @@ class ServerSocket(simple_websocket.Server):
     that broke the protocol or a limit, and ``on_reader_done()``.
     """
 
-    def __init__(
-        self,
-        environ: dict,
-        listener: Listener,
-        max_message_size: int,
-        max_fragments: int,
-        thread_class: Callable | None = None,
-    ) -> None:
+    def __init__(self, environ: dict, listener: Listener, max_message_size: int, max_fragments: int) -> None:
         self.listener = listener
         # The reader thread starts inside super().__init__ and needs this.
         self.frames = FrameReader(listener, max_message_size, max_fragments)
@@ -61,13 +87,44 @@ class ServerSocket(simple_websocket.Server):
             environ,
             receive_bytes=65536,
             max_message_size=max_message_size,
-            thread_class=thread_class,
+            thread_class=_Reader if under_gevent() else None,
         )
 
     @property
     def draining(self) -> bool:
         """Whether what the client sends is dropped unread (we failed it)."""
         return self.frames.mode is DRAINING
+
+    def send_now(self, data: bytes) -> int:
+        """Write what the socket takes at once, never waiting; the bytes written."""
+        if isinstance(self.sock, ssl.SSLSocket):
+            # Under TLS (gunicorn --certfile) the OS socket below would get
+            # plaintext: everything goes through send_all and the SSL layer.
+            return 0
+        try:
+            # The OS socket under gevent's wrapper (its private ``_sock``):
+            # MSG_DONTWAIT makes sure this never waits, whatever its mode.
+            return getattr(self.sock, "_sock", self.sock).send(data, socket.MSG_DONTWAIT)
+        except OSError:
+            return 0  # would block, or broken: send_all finds out which
+
+    def send_all(self, data: bytes) -> None:
+        """Write all of ``data``, waiting for the socket as long as it takes."""
+        self.sock.sendall(data)
+
+    def finish_writing(self) -> None:
+        """Send a FIN: we will write nothing more."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close_socket(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.connected = False
 
     def _write_handshake(self, data: bytes) -> None:
         self.sock.sendall(data)

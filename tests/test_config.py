@@ -24,7 +24,7 @@ def test_ping_interval_none_turns_pings_off():
     """None is the documented way to turn pings off."""
     app = make_app(ROBE_SOCKETS_PING_INTERVAL=None)
     RobeSockets(app)
-    assert app.extensions["robe_sockets"].config["ROBE_SOCKETS_PING_INTERVAL"] is None
+    assert app.extensions["robe_sockets"].settings.ping_interval is None
 
 
 def test_tickets_need_a_secret_key():

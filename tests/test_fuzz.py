@@ -317,7 +317,7 @@ def expected_answers(text: str):
         return [("@error", {"forbidden"}, ref, channel)]
     if event == "@subscribe":
         return [("@subscribed", channel, ref)]
-    if not app_sockets._handlers_for(channel, event):
+    if not app_sockets.router.handlers_for(channel, event):
         return [("@error", {"unknown_event"}, ref, channel)]
     if (channel, event) == ("chat", "echo"):
         return [frame("@reply", {"echo": data})] if ref is not None else []

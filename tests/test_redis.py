@@ -18,7 +18,7 @@ import requests
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
-from flask_robe_sockets import Publisher, PublishError, protocol
+from flask_robe_sockets import Publisher, PublishError, frames, protocol
 
 from .servers import Gunicorn, RedisServer, free_port, wait_until
 

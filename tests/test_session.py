@@ -1,40 +1,50 @@
-"""A connection's send queue, with a fake socket that takes what it is told."""
-from types import SimpleNamespace
-
+"""A session's send queue, with a fake transport that takes what it is told."""
 import pytest
 
-from flask_robe_sockets import frames, protocol
-from flask_robe_sockets.config import DEFAULTS
-from flask_robe_sockets.connection import Connection
+from flask_robe_sockets import frames
+from flask_robe_sockets.config import Settings
 from flask_robe_sockets.frames import FrameReader
+from flask_robe_sockets.session import Session
 
 
-class ShortSocket:
-    """Takes at most ``room`` bytes per send, like a full kernel buffer."""
+class ShortTransport:
+    """Takes at most ``room`` bytes per write, like a full kernel buffer."""
 
-    def __init__(self, room):
+    def __init__(self, listener, room):
         self.room = room
         self.written = b""
+        self.frames = FrameReader(listener, 1024, 8)
 
-    def send(self, data, flags=0):
+    def send_now(self, data):
         taken = data[: self.room]
         self.written += taken
         return len(taken)
 
 
-def connection(queue_size, room, queue_bytes=DEFAULTS["ROBE_SOCKETS_SEND_QUEUE_BYTES"]):
-    server = SimpleNamespace(
-        config={
-            **DEFAULTS,
-            "ROBE_SOCKETS_SEND_QUEUE_SIZE": queue_size,
-            "ROBE_SOCKETS_SEND_QUEUE_BYTES": queue_bytes,
-        },
-        forget=lambda conn: None,
-    )
-    conn = Connection(server)
-    sock = ShortSocket(room)
-    conn._socket = SimpleNamespace(sock=sock, frames=FrameReader(conn, 1024, 8))
-    return conn, sock
+class Events:
+    """The layer above, writing down what it is told."""
+
+    def __init__(self):
+        self.calls = []
+
+    def opened(self, session):
+        self.calls.append("opened")
+
+    def message(self, session, text):
+        self.calls.append(("message", text))
+
+    def closing(self, session):
+        self.calls.append("closing")
+
+    def closed(self, session):
+        self.calls.append("closed")
+
+
+def connection(queue_size, room, queue_bytes=Settings.send_queue_bytes):
+    session = Session(Settings(send_queue_size=queue_size, send_queue_bytes=queue_bytes), Events())
+    sock = ShortTransport(session, room)
+    session.attach(sock)
+    return session, sock
 
 
 def frame(n):
@@ -46,29 +56,29 @@ def test_partly_written_queue_still_counts_messages():
     conn, sock = connection(queue_size=4, room=15)
     for n in range(3):
         conn.push(frame(n))
-    conn._flush()
+    conn.flush()
     assert sock.written == frame(0) + frame(1)[:5]
-    assert conn._queue == [frame(1)[5:], frame(2)]
+    assert list(conn.queued) == [frame(1)[5:], frame(2)]
     conn.push(frame(3))
     conn.push(frame(4))
     assert conn.open
     conn.push(frame(5))  # a fifth message waiting: over the limit of 4
     assert not conn.open
     # The half-written frame is finished, then the close frame: no garbage.
-    assert conn._queue == [frame(1)[5:], frames.close_frame(4008, "send queue overflow")]
+    assert list(conn.queued) == [frame(1)[5:], frames.close_frame(4008, "send queue overflow")]
 
 
 def test_rest_of_a_frame_cut_twice_is_kept_on_overflow():
     """A frame cut short by two partial writes in a row is still finished before 4008."""
     conn, sock = connection(queue_size=2, room=3)
     conn.push(frame(0))
-    conn._flush()
+    conn.flush()
     sock.room = 0
-    conn._flush()  # nothing taken: the head is still the rest of frame 0
+    conn.flush()  # nothing taken: the head is still the rest of frame 0
     conn.push(frame(1))
     conn.push(frame(2))
     assert not conn.open
-    assert sock.written + conn._queue[0] == frame(0)
+    assert sock.written + conn.queued[0] == frame(0)
 
 
 def test_close_refuses_codes_that_may_not_be_sent():
@@ -79,7 +89,7 @@ def test_close_refuses_codes_that_may_not_be_sent():
             conn.close(code)
     assert conn.open
     conn.close(4001, "bye")
-    assert not conn.open and conn._queue == [frames.close_frame(4001, "bye")]
+    assert not conn.open and list(conn.queued) == [frames.close_frame(4001, "bye")]
 
 
 def test_queue_is_bounded_in_bytes_too():
@@ -88,10 +98,10 @@ def test_queue_is_bounded_in_bytes_too():
     big = frames.ws_frame(b"x" * 300)
     for _ in range(3):
         conn.push(big)
-    assert conn.open and conn._queued_bytes == 3 * len(big)
+    assert conn.open and conn.queued_bytes == 3 * len(big)
     conn.push(big)  # 1,212 bytes waiting: over 1,000
     assert not conn.open
-    assert conn._queue == [frames.close_frame(4008, "send queue overflow")]
+    assert list(conn.queued) == [frames.close_frame(4008, "send queue overflow")]
 
 
 def test_a_frame_larger_than_the_byte_budget_goes_to_an_idle_client():
@@ -100,8 +110,8 @@ def test_a_frame_larger_than_the_byte_budget_goes_to_an_idle_client():
     big = frames.ws_frame(b"x" * 500)
     conn.push(big)
     assert conn.open
-    conn._flush()
-    assert sock.written == big and conn._queued_bytes == 0
+    conn.flush()
+    assert sock.written == big and conn.queued_bytes == 0
 
 
 def test_byte_count_follows_partial_writes():
@@ -109,5 +119,5 @@ def test_byte_count_follows_partial_writes():
     conn, sock = connection(queue_size=10, room=15)
     for n in range(3):
         conn.push(frame(n))
-    conn._flush()
-    assert conn._queued_bytes == sum(map(len, conn._queue)) == 15
+    conn.flush()
+    assert conn.queued_bytes == sum(map(len, list(conn.queued))) == 15

@@ -45,7 +45,7 @@ def broadcast(data: dict) -> None:
 
 
 def subscribers() -> int:
-    return len(app.extensions["robe_sockets"].hub.members.get("bench", ()))
+    return app.extensions["robe_sockets"].hub.member_counts().get("bench", 0)
 
 
 add_control_routes(app, broadcast, subscribers)

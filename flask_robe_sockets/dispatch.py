@@ -1,0 +1,227 @@
+"""What clients' frames do: the registered handlers and hooks, and the
+handling of every text frame a client sends.
+
+:class:`Router` holds what the application registered (``RobeSockets``
+registers into it, and one router serves every app the extension is
+initialised with). :class:`Dispatcher` handles one app's frames with it:
+``@ping``, ``@subscribe`` and ``@unsubscribe`` itself, every other event
+through the handlers, each answered as PROTOCOL.md section 4 says.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Callable
+
+from flask import Flask
+
+from . import protocol
+from .backends import Backend
+from .channels import Hub
+from .config import Settings
+from .errors import BackendUnavailable, ConfigurationError, Forbidden, ProtocolError
+from .frames import ws_frame
+from .message import Message
+
+if TYPE_CHECKING:
+    from .connection import Connection
+    from .session import Session
+
+log = logging.getLogger("flask_robe_sockets")
+
+Handler = Callable[[Message, "Connection"], Any]
+Hook = Callable[["Connection"], Any]
+
+
+class Router:
+    """The application's handlers and hooks, registered once for every app."""
+
+    def __init__(self) -> None:
+        # Handlers by event name, each with its channel pattern, in
+        # registration order.
+        self._handlers: dict[str, list[tuple[str, Handler]]] = {}
+        self.connect_hooks: list[Hook] = []
+        self.disconnect_hooks: list[Hook] = []
+        self._authorize: Callable[[Connection, str], Any] | None = None
+        self._identity_loader: Callable[[], Any] | None = None
+
+    def add_handler(self, channel: str, event: str, handler: Handler) -> None:
+        self._handlers.setdefault(event, []).append((channel, handler))
+
+    def handlers_for(self, channel: str, event: str) -> list[Handler]:
+        """The handlers of ``event`` whose pattern matches ``channel``, in order."""
+        return [
+            handler
+            for pattern, handler in self._handlers.get(event, ())
+            if pattern == channel or (pattern.endswith("*") and channel.startswith(pattern[:-1]))
+        ]
+
+    def set_authorize(self, hook: Callable[[Connection, str], Any]) -> None:
+        if self._authorize is not None:
+            raise ConfigurationError(
+                f"an authorize hook is already set ({self._authorize.__name__}):"
+                " combine the checks in one function"
+            )
+        self._authorize = hook
+
+    def authorized(self, conn: "Connection", channel: str) -> bool:
+        """What the authorize hook says of ``conn`` on ``channel`` (yes without one).
+
+        :raises Forbidden: the hook refused, with a message of its own.
+        """
+        return True if self._authorize is None else bool(self._authorize(conn, channel))
+
+    def set_identity_loader(self, loader: Callable[[], Any]) -> None:
+        if self._identity_loader is not None:
+            raise ConfigurationError(
+                f"an identity loader is already set ({self._identity_loader.__name__})"
+            )
+        self._identity_loader = loader
+
+    @property
+    def has_identity_loader(self) -> bool:
+        return self._identity_loader is not None
+
+    def load_identity(self) -> Any:
+        """The caller's identity as the loader says, ``None`` without a loader."""
+        return self._identity_loader() if self._identity_loader is not None else None
+
+
+class Dispatcher:
+    """Handles the text frames of one app's connections."""
+
+    def __init__(self, app: Flask, router: Router, hub: Hub, backend: Backend, settings: Settings) -> None:
+        self.app = app
+        self.router = router
+        self.hub = hub
+        self.backend = backend
+        self.settings = settings
+
+    def run_hooks(self, hooks: list[Hook], session: "Session") -> None:
+        """Run connect or disconnect hooks; one that fails is logged, the rest run."""
+        for hook in hooks:
+            try:
+                with self.app.app_context():
+                    hook(session.owner)
+            except Exception:
+                log.exception("hook %r failed for %s", hook, session.owner)
+
+    def handle_text(self, session: "Session", text: str) -> None:
+        try:
+            frame = protocol.parse_frame(text)
+        except ProtocolError as exc:
+            session.answer_error(exc.code, exc.message, exc.ref, exc.channel)
+            return
+        event = frame.event
+        if event == protocol.PING:
+            session.answer(protocol.PONG, frame.data, frame.channel, frame.ref)
+        elif event == protocol.SUBSCRIBE:
+            self.subscribe(session, frame)
+        elif event == protocol.UNSUBSCRIBE:
+            self.unsubscribe(session, frame)
+        else:
+            self.dispatch(session, frame)
+
+    def _authorized(self, session: "Session", channel: str) -> bool:
+        with self.app.app_context():
+            return self.router.authorized(session.owner, channel)
+
+    def subscribe(self, session: "Session", frame: protocol.Frame) -> None:
+        channel, ref = frame.channel, frame.ref
+        since, epoch = _since(frame.data)
+        try:
+            allowed = self._authorized(session, channel)
+        except Forbidden as exc:
+            allowed = False
+            reason = exc.message
+        except Exception:
+            log.exception("authorize hook failed for %s on %r", session.owner, channel)
+            session.answer_error("handler_error", "the server could not authorize this", ref, channel)
+            return
+        else:
+            reason = f"not allowed on channel {channel!r}"
+        if not session.open:
+            # Closed while the hook ran (it may wait on a database): joining
+            # now would leave a member behind that nobody removes.
+            return
+        if not allowed:
+            session.answer_error("forbidden", reason, ref, channel)
+            return
+        hub = self.hub
+        rejoin = hub.has(session, channel)
+        limit = self.settings.max_subscriptions
+        if not rejoin and len(hub.channels_of(session)) >= limit:
+            session.answer_error("too_many_subscriptions", f"at most {limit} channels per connection", ref, channel)
+            return
+        if not rejoin:
+            hub.begin_join(session, channel)
+        try:
+            # Already a member: broadcasts keep arriving once, so nothing is
+            # replayed; the client only gets its answer again.
+            recovery = self.backend.recover(channel, None if rejoin else since, epoch)
+        except BackendUnavailable as exc:
+            hub.leave(session, channel)
+            # No error code of PROTOCOL.md says "try again later", and an
+            # @error would read as a final refusal. Closing with 1011 makes
+            # the client reconnect with backoff and subscribe again.
+            log.warning("cannot subscribe %s to %r: %s: closing with 1011", session.owner, channel, exc)
+            session.close(protocol.CLOSE_INTERNAL, "backend unavailable")
+            return
+        session.answer(
+            protocol.SUBSCRIBED,
+            {"recovered": recovery.recovered, "seq": recovery.seq, "epoch": recovery.epoch},
+            channel,
+            ref,
+        )
+        for _, replayed in recovery.frames:
+            session.push(replayed)
+        if not rejoin:
+            hub.end_join(session, channel, recovery.seq)
+
+    def unsubscribe(self, session: "Session", frame: protocol.Frame) -> None:
+        self.hub.leave(session, frame.channel)
+        session.answer(protocol.UNSUBSCRIBED, None, frame.channel, frame.ref)
+
+    def dispatch(self, session: "Session", frame: protocol.Frame) -> None:
+        channel, ref = frame.channel, frame.ref
+        handlers = self.router.handlers_for(channel, frame.event)
+        result = None
+        try:
+            if not self._authorized(session, channel):
+                raise Forbidden(f"not allowed on channel {channel!r}")
+            if not handlers:
+                session.answer_error(
+                    "unknown_event", f"no handler for event {frame.event!r} on channel {channel!r}", ref, channel
+                )
+                return
+            message = Message(channel, frame.event, frame.data, ref)
+            with self.app.app_context():
+                for handler in handlers:
+                    value = handler(message, session.owner)
+                    if result is None:
+                        result = value
+            # Encoded inside the try: a handler may have returned non-JSON.
+            reply = protocol.encode(protocol.REPLY, result, channel, ref) if ref is not None else None
+        except Forbidden as exc:
+            session.answer_error("forbidden", exc.message, ref, channel)
+            return
+        except Exception:
+            log.exception("handler for %r on %r failed", frame.event, channel)
+            session.answer_error("handler_error", "the handler failed", ref, channel)
+            return
+        if reply is not None:
+            session.push(ws_frame(reply))
+
+
+def _since(data: Any) -> tuple[int | None, str | None]:
+    """``since`` and ``epoch`` of a ``@subscribe``; an unusable ``since`` counts as absent."""
+    if not isinstance(data, dict):
+        return None, None
+    since = data.get("since")
+    epoch = data.get("epoch")
+    if not isinstance(since, int) or isinstance(since, bool) or since < 0:
+        since = None
+    if "epoch" in data and not isinstance(epoch, str):
+        # Present but unusable: it names no epoch of ours, so it cannot be
+        # the current one, unlike an epoch left out.
+        epoch = ""
+    return since, epoch
