@@ -448,9 +448,10 @@ class ClientState:
         now = self._clock()
         if not self.connected:
             since = self._connecting_since
-            if since is not None and now - since >= self.connect_timeout:
-                return [Drop(f"no @connected within {self.connect_timeout}s")]
-            return []
+            if since is None or now - since < self.connect_timeout:
+                return []
+            self._connecting_since = None  # this attempt is over
+            return [Drop(f"no @connected within {self.connect_timeout}s")]
         if self._ping_sent_at is not None:
             if now - self._ping_sent_at >= self.pong_timeout:
                 return [Drop(f"no answer to @ping within {self.pong_timeout}s: connection lost")]

@@ -24,6 +24,71 @@ export declare function backoffDelay(
   attempt: number, initial?: number, max?: number, random?: () => number,
 ): number;
 
+/** The ms of a `Retry-After` header in seconds; 0 when absent or not a
+ * number of seconds (an HTTP-date included). */
+export declare function retryAfterMs(value: string | null | undefined): number;
+
+/** One channel as `ClientState` sees it; only the state changes it. */
+export declare class ChannelState {
+  constructor(name: string);
+  readonly name: string;
+  readonly seq: number | null;
+  readonly epoch: string | null;
+  readonly subscribed: boolean;
+  /** Subscribed on every connect: not after a refusal, until `subscribe()` again. */
+  readonly wanted: boolean;
+  /** The ref of the `@subscribe` in flight, if one is. */
+  readonly subscribeRef: number | null;
+}
+
+/** What `ClientState` answers: the `Client` carries these out, in order. */
+export type Action<R = unknown> =
+  | { type: "send"; text: string }
+  /** Call the handlers of each of `names`: the client's own when `channel` is null. */
+  | { type: "emit"; channel: ChannelState | null; names: string[]; value: unknown }
+  | { type: "settle"; request: R; result: unknown; error: RobeSocketsError | null }
+  /** Connect again in `delay` ms. */
+  | { type: "retry"; delay: number }
+  /** Give a silent connection up. */
+  | { type: "drop"; reason: string };
+
+/**
+ * The client's decisions, without I/O (refs, the send queue, resubscribe
+ * positions, backoff, which refusals are retried, ping deadlines). `Client`
+ * runs on one; the Python client's `clientstate.ClientState` makes the same
+ * decisions. Times are ms.
+ */
+export declare class ClientState<C extends ChannelState = ChannelState, R = unknown> {
+  constructor(
+    options?: Omit<ClientOptions, "WebSocket" | "fetch" | "ticketUrl" | "sendTimeout"> & { url?: string },
+    io?: { newChannel?: (name: string) => C; clock?: () => number; random?: () => number },
+  );
+  readonly connected: boolean;
+  readonly closed: boolean;
+  readonly id: string | null;
+  readonly channels: ReadonlyMap<string, C>;
+  /** Sends waiting for a connection. */
+  readonly queued: number;
+  holds(channel: C): boolean;
+  /** Throws `bad_channel`. */
+  subscribe(name: string): [C, Action<R>[]];
+  unsubscribe(name: string): Action<R>[];
+  /** Throws `closed`, `bad_event` or `queue_full`. */
+  send(channel: string, event: string, data: unknown, request: R): Action<R>[];
+  withdraw(request: R): boolean;
+  close(): Action<R>[];
+  connecting(): void;
+  connectFailed(error: RobeSocketsError): Action<R>[];
+  resetBackoff(): void;
+  heard(): void;
+  receive(text: string): Action<R>[];
+  tick(): Action<R>[];
+  pingNow(): Action<R>[];
+  /** ms until `tick()` has something to do; `null` for never. */
+  waitTime(): number | null;
+  lost(code?: number, reason?: string): Action<R>[];
+}
+
 /** An event received on a channel (or sent to this connection alone). */
 export interface Message<T = unknown> {
   channel: string | null;

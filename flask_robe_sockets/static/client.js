@@ -12,6 +12,12 @@
  * One dependency-free ES module, served by the extension at
  * `{path}/client.js`: no build step. What arrives is data, not markup:
  * put it on the page with `textContent`, never `innerHTML`.
+ *
+ * Every decision (refs, the queue, what to resubscribe from, the backoff,
+ * which refusals are retried, when to ping) is made by `ClientState`, which
+ * has no sockets or timers; `Client` only moves frames and sets timers
+ * around it. The Python client's `clientstate.ClientState` makes the same
+ * decisions, and tests/client_cases.json holds the cases both must pass.
  */
 
 /** The wire protocol this client speaks. */
@@ -52,15 +58,395 @@ export function backoffDelay(attempt, initial = DEFAULTS.reconnectDelay,
   return random() * Math.min(max, initial * 2 ** attempt);
 }
 
-/** A connection that lasted this long (ms) was a good one: the backoff
- * starts over. One dropped sooner keeps growing it, so a server that closes
- * every connection right after `@connected` is not hammered. */
+/** A connection that lasted this long (ms) from `@connected` was a good one:
+ * the backoff starts over. One dropped sooner keeps growing it, so a server
+ * that closes every connection right after `@connected` is not hammered. */
 const STABLE_AFTER = 10000;
+
+// Subscribe refusals that may pass on the next connect; any other refusal
+// holds until the application subscribes again.
+const RETRIED_REFUSALS = new Set(["rate_limited"]);
+
+// A number of seconds, as Retry-After gives it (RFC 9110 allows digits
+// only; a fraction is taken too). Anything else, an HTTP-date included,
+// sets no floor.
+const SECONDS = /^\s*(\d+(\.\d*)?|\.\d+)\s*$/;
+
+/** The ms of a `Retry-After` header; 0 when absent or not a number of seconds. */
+export function retryAfterMs(value) {
+  const seconds = value != null && SECONDS.test(value) ? Number(value) : NaN;
+  return Number.isFinite(seconds) ? seconds * 1000 : 0;
+}
+
+/** One channel as the state sees it. Only `ClientState` changes it. */
+export class ChannelState {
+  constructor(name) {
+    this.name = name;
+    /** The `seq` of the last broadcast seen, sent as `since` on resubscribe;
+     * `null` before the first `@subscribed`. */
+    this.seq = null;
+    /** The history `@subscribed` named; `null` before the first one. */
+    this.epoch = null;
+    /** Whether the server confirmed the subscription on this connection. */
+    this.subscribed = false;
+    /** Whether it is subscribed on every connect: not after a refusal,
+     * until the application subscribes again. */
+    this.wanted = true;
+    /** The ref of the `@subscribe` in flight, if one is. */
+    this.subscribeRef = null;
+  }
+}
+
+const emit = (channel, names, value) => ({ type: "emit", channel, names, value });
+const settle = (request, result, error = null) => ({ type: "settle", request, result, error });
+
+/**
+ * The client's decisions, without I/O: told what happened, it answers with
+ * the actions to carry out, in order: `{type: "send", text}`, `{type:
+ * "emit", channel, names, value}` (call the handlers of each of `names`, the
+ * client's own when `channel` is null), `{type: "settle", request, result,
+ * error}`, `{type: "retry", delay}` (connect again in `delay` ms) and
+ * `{type: "drop", reason}` (give a silent connection up).
+ *
+ * It reads the time only from `clock` and draws jitter only from `random`.
+ */
+export class ClientState {
+  #options;
+  #newChannel;
+  #clock;
+  #random;
+  #queue = [];
+  #pending = new Map();
+  #lastRef = 0;
+  #attempt = 0;
+  #connectingSince = null;
+  #connectedAt = 0;
+  #lastHeard = 0;
+  #pingSentAt = null;
+
+  /**
+   * @param {object} [options] the `Client`'s options (delays in ms), and
+   *   `url` to name in errors.
+   * @param {object} [io] `newChannel(name)` makes the object for a newly
+   *   subscribed channel; `clock()` gives ms; `random()` a number in [0, 1).
+   */
+  constructor(options = {}, { newChannel = (name) => new ChannelState(name), clock = Date.now,
+    random = Math.random } = {}) {
+    this.#options = { ...DEFAULTS, ...options };
+    this.#newChannel = newChannel;
+    this.#clock = clock;
+    this.#random = random;
+    /** Whether `@connected` came on the current connection. */
+    this.connected = false;
+    this.closed = false;
+    /** The id the server gave this connection; `null` while disconnected. */
+    this.id = null;
+    this.channels = new Map();
+  }
+
+  /** How many sends wait for a connection. */
+  get queued() {
+    return this.#queue.length;
+  }
+
+  /** Whether `channel` is still subscribed, not left meanwhile. */
+  holds(channel) {
+    return this.channels.get(channel.name) === channel;
+  }
+
+  // -- what the application does -----------------------------------------
+
+  /** `[channel, actions]`: the channel `name`, wanted from now on, and its
+   * `@subscribe` if connected. */
+  subscribe(name) {
+    if (typeof name !== "string" || !CHANNEL_NAME.test(name)) {
+      throw new RobeSocketsError("bad_channel",
+        `invalid channel name ${JSON.stringify(name)}: 1 to 128 characters from A-Z a-z 0-9 _ - . : /`);
+    }
+    let channel = this.channels.get(name);
+    if (!channel) {
+      channel = this.#newChannel(name);
+      this.channels.set(name, channel);
+    }
+    channel.wanted = true;
+    return [channel, this.connected && !channel.subscribed ? this.#subscribe(channel) : []];
+  }
+
+  unsubscribe(name) {
+    const channel = this.channels.get(name);
+    if (!channel) return [];
+    this.channels.delete(name);
+    channel.wanted = false;
+    channel.subscribed = false;
+    return this.connected ? [{ type: "send", text: JSON.stringify({ channel: name, event: "@unsubscribe" }) }] : [];
+  }
+
+  /** Send now if connected, else queue; `request` is what a settle hands back.
+   * Throws a `RobeSocketsError` (`closed`, `bad_event`, `queue_full`). */
+  send(channel, event, data, request) {
+    if (this.closed) throw new RobeSocketsError("closed", "the client was closed", channel);
+    if (typeof event !== "string" || !event || event.length > 64 || event.startsWith("@")) {
+      throw new RobeSocketsError("bad_event",
+        `invalid event name ${JSON.stringify(event)}: 1 to 64 characters, not starting with '@'`, channel);
+    }
+    const ref = ++this.#lastRef;
+    // Serialised now, so data that is not JSON fails here, for this caller.
+    const outgoing = { ref, text: JSON.stringify({ channel, event, data, ref }), request };
+    if (this.connected) return [this.#transmit(outgoing)];
+    const { maxQueue } = this.#options;
+    if (this.#queue.length >= maxQueue) {
+      throw new RobeSocketsError("queue_full", `not connected, and ${maxQueue} sends are already waiting`, channel);
+    }
+    this.#queue.push(outgoing);
+    return [];
+  }
+
+  /** Forget a send that timed out; `false` if it was settled meanwhile. */
+  withdraw(request) {
+    for (const [ref, outgoing] of this.#pending) {
+      if (outgoing.request === request) return this.#pending.delete(ref);
+    }
+    const queued = this.#queue.findIndex((outgoing) => outgoing.request === request);
+    if (queued === -1) return false;
+    this.#queue.splice(queued, 1);
+    return true;
+  }
+
+  /** Close for good: queued sends fail; `lost()` follows, and no retry comes again. */
+  close() {
+    if (this.closed) return [];
+    this.closed = true;
+    return this.#queue.splice(0).map((outgoing) =>
+      settle(outgoing.request, null, new RobeSocketsError("closed", "the client was closed")));
+  }
+
+  // -- what the connection does ------------------------------------------
+
+  /** A connect is under way: `@connected` must come within `connectTimeout`. */
+  connecting() {
+    this.#connectingSince = this.#clock();
+  }
+
+  /** A connect failed before the socket was open: report it, retry after the
+   * backoff, no sooner than its `retryAfter` (ms). */
+  connectFailed(error) {
+    this.#connectingSince = null;
+    if (this.closed) return [];
+    return [emit(null, ["error"], error), this.#retry(error?.retryAfter ?? 0)];
+  }
+
+  /** The network is back: the next attempt waits no backoff. */
+  resetBackoff() {
+    this.#attempt = 0;
+  }
+
+  /** Anything from the server: it is alive. */
+  heard() {
+    this.#lastHeard = this.#clock();
+    this.#pingSentAt = null;
+  }
+
+  /** A text frame from the server. */
+  receive(text) {
+    this.heard();
+    let frame;
+    try {
+      frame = JSON.parse(text);
+    } catch {
+      frame = null;
+    }
+    if (frame === null || typeof frame !== "object" || typeof frame.event !== "string") {
+      return [emit(null, ["error"], new RobeSocketsError("bad_frame", "the server sent a frame that is not a protocol object"))];
+    }
+    const { event, channel = null, data = null, ref = null, seq = null } = frame;
+    switch (event) {
+      case "@connected":
+        return this.#onConnected(data);
+      case "@reply": {
+        const request = this.#answeredSend(ref);
+        return request === undefined ? [] : [settle(request, data)];
+      }
+      case "@error":
+        return this.#onError(new RobeSocketsError(data?.code ?? "error", data?.message ?? "", channel), ref);
+      case "@subscribed": {
+        const target = this.#answeredSubscribe(channel, ref);
+        return target ? this.#onSubscribed(target, data) : [];
+      }
+      case "@pong":
+      case "@unsubscribed":
+        return [];
+      default:
+        return this.#onMessage({ channel, event, data, seq });
+    }
+  }
+
+  /** Time passed: `@ping` a silent connection, drop one that stayed silent
+   * after it or never sent `@connected`. */
+  tick() {
+    const now = this.#clock();
+    const { connectTimeout, pingInterval, pongTimeout } = this.#options;
+    if (!this.connected) {
+      if (this.#connectingSince === null || now - this.#connectingSince < connectTimeout) return [];
+      this.#connectingSince = null;  // this attempt is over
+      return [{ type: "drop", reason: `no @connected within ${connectTimeout} ms` }];
+    }
+    if (this.#pingSentAt !== null) {
+      return now - this.#pingSentAt >= pongTimeout ? [{ type: "drop", reason: "no answer to @ping" }] : [];
+    }
+    return pingInterval && now - this.#lastHeard >= pingInterval ? this.pingNow() : [];
+  }
+
+  /** `@ping` now, unless disconnected or one is out already. */
+  pingNow() {
+    if (!this.connected || this.#pingSentAt !== null) return [];
+    this.#pingSentAt = this.#clock();
+    return [{ type: "send", text: JSON.stringify({ event: "@ping" }) }];
+  }
+
+  /** ms until `tick()` has something to do; `null` for never. */
+  waitTime() {
+    const { connectTimeout, pingInterval, pongTimeout } = this.#options;
+    let deadline;
+    if (!this.connected) {
+      if (this.#connectingSince === null) return null;
+      deadline = this.#connectingSince + connectTimeout;
+    } else if (this.#pingSentAt !== null) {
+      deadline = this.#pingSentAt + pongTimeout;
+    } else if (pingInterval) {
+      deadline = this.#lastHeard + pingInterval;
+    } else {
+      return null;
+    }
+    return Math.max(deadline - this.#clock(), 0);
+  }
+
+  /** The connection ended (or the client closed): sends on the wire fail (the
+   * server may or may not have run them, so they are not sent again);
+   * queued ones wait for the next connection. */
+  lost(code, reason = "") {
+    const wasConnected = this.connected;
+    this.connected = false;
+    this.id = null;
+    this.#connectingSince = this.#pingSentAt = null;
+    for (const channel of this.channels.values()) {
+      channel.subscribed = false;
+      channel.subscribeRef = null;
+    }
+    if (this.closed) code = 1000;
+    code ??= 1006;
+    const failure = this.closed
+      ? () => new RobeSocketsError("closed", "the client was closed")
+      : () => new RobeSocketsError("disconnected", "the connection was lost before the answer");
+    const actions = [...this.#pending.values()].map((outgoing) => settle(outgoing.request, null, failure()));
+    this.#pending.clear();
+    if (wasConnected) {
+      if (this.#clock() - this.#connectedAt >= STABLE_AFTER) this.#attempt = 0;
+      actions.push(emit(null, ["disconnect"], { code, reason }));
+    } else if (!this.closed) {
+      actions.push(emit(null, ["error"], new RobeSocketsError("connect_failed",
+        `cannot open ${this.#options.url} (close code ${code}${reason ? `: ${reason}` : ""})`)));
+    }
+    if (!this.closed) actions.push(this.#retry());
+    return actions;
+  }
+
+  // -- helpers -----------------------------------------------------------
+
+  /** The next attempt: the backoff, but no sooner than `atLeast` ms (a
+   * refusal's Retry-After), itself at most `maxReconnectDelay`. */
+  #retry(atLeast = 0) {
+    const { reconnectDelay, maxReconnectDelay } = this.#options;
+    const delay = Math.max(backoffDelay(this.#attempt++, reconnectDelay, maxReconnectDelay, this.#random),
+      Math.min(atLeast, maxReconnectDelay));
+    return { type: "retry", delay };
+  }
+
+  #transmit(outgoing) {
+    this.#pending.set(outgoing.ref, outgoing);
+    return { type: "send", text: outgoing.text };
+  }
+
+  #subscribe(channel) {
+    if (channel.subscribeRef !== null) return [];  // one is on its way
+    channel.subscribeRef = ++this.#lastRef;
+    const frame = { channel: channel.name, event: "@subscribe", ref: channel.subscribeRef };
+    if (channel.epoch !== null) frame.data = { since: channel.seq, epoch: channel.epoch };
+    return [{ type: "send", text: JSON.stringify(frame) }];
+  }
+
+  #onConnected(data) {
+    if (this.closed) return [];
+    this.id = data?.id ?? null;
+    this.connected = true;
+    this.#connectingSince = null;
+    this.#connectedAt = this.#clock();
+    const actions = [];
+    for (const channel of this.channels.values()) {
+      if (channel.wanted) actions.push(...this.#subscribe(channel));
+    }
+    // Subscribes first, then what waited, in the order it was sent.
+    for (const outgoing of this.#queue.splice(0)) actions.push(this.#transmit(outgoing));
+    actions.push(emit(null, ["connect"], { id: this.id }));
+    return actions;
+  }
+
+  #answeredSend(ref) {
+    const outgoing = this.#pending.get(ref);
+    this.#pending.delete(ref);
+    return outgoing?.request;
+  }
+
+  /** The channel whose `@subscribe` this answers, if it is still held. */
+  #answeredSubscribe(name, ref) {
+    const channel = name === null ? undefined : this.channels.get(name);
+    // Unsubscribed meanwhile, or an answer we did not ask for.
+    if (!channel || ref === null || channel.subscribeRef !== ref) return null;
+    channel.subscribeRef = null;
+    return channel;
+  }
+
+  #onError(error, ref) {
+    const request = this.#answeredSend(ref);
+    if (request !== undefined) return [settle(request, null, error)];
+    const actions = [];
+    const refused = this.#answeredSubscribe(error.channel, ref);
+    if (refused) {
+      // Refused for good, until subscribe() asks again; but a subscribe that
+      // was only rate limited is tried again on the next connect.
+      refused.wanted = RETRIED_REFUSALS.has(error.code);
+      actions.push(emit(refused, ["error"], error));
+    }
+    actions.push(emit(null, ["error"], error));
+    return actions;
+  }
+
+  #onSubscribed(channel, data) {
+    channel.subscribed = true;
+    channel.epoch = data.epoch;
+    // Without recovery nothing is replayed: the next broadcast follows `seq`.
+    // With it, the replay that follows moves `seq` on by itself.
+    if (!data.recovered) channel.seq = data.seq;
+    return [emit(channel, ["subscribed"], { recovered: data.recovered, seq: data.seq, epoch: data.epoch })];
+  }
+
+  #onMessage(message) {
+    const channel = message.channel === null ? undefined : this.channels.get(message.channel);
+    if (channel) {
+      if (message.seq !== null) channel.seq = message.seq;
+      return [emit(channel, message.event === "message" ? ["message"] : ["message", message.event], message)];
+    }
+    // A broadcast for a channel just left is dropped; a message to this
+    // connection alone goes to the client's own handlers.
+    return message.seq === null ? [emit(null, ["message"], message)] : [];
+  }
+}
 
 // A handler that throws must not stop the others, nor the client itself.
 const report = globalThis.reportError ?? ((error) => console.error(error));
 
-class Emitter {
+// Handlers by event name, on any class: channels are ChannelStates that
+// emit, the client emits on its own.
+const emitting = (Base) => class extends Base {
   #handlers = new Map();
 
   /** Call `fn` on `event`; returns a function that removes it again. */
@@ -87,7 +473,7 @@ class Emitter {
       }
     }
   }
-}
+};
 
 /**
  * A channel of a client, as `client.subscribe(name)` returns it.
@@ -98,20 +484,10 @@ class Emitter {
  * `recovered` is false), `"error"` (the subscription was refused; the
  * client's own `"error"` hears it too).
  */
-export class Channel extends Emitter {
+export class Channel extends emitting(ChannelState) {
   constructor(client, name) {
-    super();
+    super(name);
     this.client = client;
-    this.name = name;
-    /** The `seq` of the last broadcast seen, sent as `since` on resubscribe;
-     * `null` before the first `@subscribed`. */
-    this.seq = null;
-    /** The history `@subscribed` named; `null` before the first one. */
-    this.epoch = null;
-    /** Whether the server confirmed the subscription on this connection. */
-    this.subscribed = false;
-    this._wanted = true;
-    this._subscribing = false;
   }
 
   /**
@@ -123,35 +499,6 @@ export class Channel extends Emitter {
   send(event, data, options = {}) {
     return this.client._request(this.name, event, data, options);
   }
-
-  _onSubscribed(data) {
-    this._subscribing = false;
-    this.subscribed = true;
-    this.epoch = data.epoch;
-    // Without recovery nothing is replayed: the next broadcast follows `seq`.
-    if (!data.recovered) this.seq = data.seq;
-    this._emit("subscribed", { recovered: data.recovered, seq: data.seq, epoch: data.epoch });
-  }
-
-  _onRefused(error) {
-    this._subscribing = false;
-    // Refused for good, until subscribe() asks again; but a subscribe that
-    // was only rate limited is tried again on the next connect.
-    this._wanted = error.code === "rate_limited";
-    this._emit("error", error);
-  }
-
-  _deliver(message) {
-    if (message.seq !== null) this.seq = message.seq;
-    this._emit("message", message);
-    if (message.event !== "message") this._emit(message.event, message);
-  }
-}
-
-/** The ms of a `Retry-After` header in seconds; 0 when absent or a date. */
-function retryAfterMs(value) {
-  const seconds = value == null || value.trim() === "" ? NaN : Number(value);
-  return Number.isFinite(seconds) && seconds >= 0 ? seconds * 1000 : 0;
 }
 
 function socketUrl(url) {
@@ -179,27 +526,19 @@ function defaultPath() {
  * connection), `"error"` (a `RobeSocketsError`), `"message"` (messages sent
  * to this connection outside any subscribed channel).
  */
-export class Client extends Emitter {
-  #options;
+export class Client extends emitting(Object) {
+  #state;
   #url;
   #ticketUrl;
+  #connectTimeout;
+  #sendTimeout;
   #WebSocket;
   #fetch;
   #ws = null;
-  #connected = false;
-  #closed = false;
-  #attempt = 0;
-  #connectedAt = 0;
+  #abort = null;
   #retryTimer = null;
-  #connectTimer = null;
-  #channels = new Map();
-  #lastRef = 0;
-  #pending = new Map();
-  #queue = [];
-  #subscribing = new Map();
-  #lastFrame = 0;
-  #watchTimer = null;
-  #pongTimer = null;
+  #tickTimer = null;
+  #tickAt = 0;
 
   /**
    * @param {object} [options]
@@ -212,15 +551,16 @@ export class Client extends Emitter {
    */
   constructor(options = {}) {
     super();
-    this.#options = { ...DEFAULTS, ...options };
     this.#url = socketUrl(options.url ?? defaultPath());
     this.#ticketUrl = options.ticketUrl === undefined
       ? this.#url.replace(/^ws/, "http") + "/ticket"
       : options.ticketUrl;
+    const { connectTimeout, sendTimeout } = { ...DEFAULTS, ...options };
+    this.#connectTimeout = connectTimeout;
+    this.#sendTimeout = sendTimeout;
     this.#WebSocket = options.WebSocket ?? globalThis.WebSocket;
     this.#fetch = options.fetch ?? globalThis.fetch.bind(globalThis);
-    /** The id the server gave this connection; `null` while disconnected. */
-    this.id = null;
+    this.#state = new ClientState({ ...options, url: this.#url }, { newChannel: (name) => new Channel(this, name) });
     globalThis.addEventListener?.("online", this.#onOnline);
     globalThis.addEventListener?.("offline", this.#onOffline);
     // After the constructor returns, so handlers registered right after it
@@ -228,43 +568,33 @@ export class Client extends Emitter {
     queueMicrotask(() => this.#connect());
   }
 
+  /** The id the server gave this connection; `null` while disconnected. */
+  get id() {
+    return this.#state.id;
+  }
+
   /** Whether the socket is open and past `@connected`. */
   get connected() {
-    return this.#connected;
+    return this.#state.connected;
   }
 
   /** The channel `name` (the same object for the same name), subscribed
    * now or as soon as the socket is open, and again after every reconnect. */
   subscribe(name) {
-    if (typeof name !== "string" || !CHANNEL_NAME.test(name)) {
-      throw new RobeSocketsError("bad_channel",
-        `invalid channel name ${JSON.stringify(name)}: 1 to 128 characters from A-Z a-z 0-9 _ - . : /`);
-    }
-    let channel = this.#channels.get(name);
-    if (!channel) {
-      channel = new Channel(this, name);
-      this.#channels.set(name, channel);
-    }
-    channel._wanted = true;
-    if (this.#connected && !channel.subscribed) this.#sendSubscribe(channel);
+    const [channel, actions] = this.#state.subscribe(name);
+    this.#perform(actions);
     return channel;
   }
 
   /** Leave channel `name`; its object gets no more messages. */
   unsubscribe(name) {
-    const channel = this.#channels.get(name);
-    if (!channel) return;
-    this.#channels.delete(name);
-    channel._wanted = false;
-    channel.subscribed = false;
-    if (this.#connected) this.#write({ channel: name, event: "@unsubscribe" });
+    this.#perform(this.#state.unsubscribe(name));
   }
 
   /** Close for good: one `"disconnect"` if connected, no reconnect; every
    * unanswered send rejects with code `closed`. */
   close() {
-    if (this.#closed) return;
-    this.#closed = true;
+    if (this.#state.closed) return;
     globalThis.removeEventListener?.("online", this.#onOnline);
     globalThis.removeEventListener?.("offline", this.#onOffline);
     clearTimeout(this.#retryTimer);
@@ -274,129 +604,121 @@ export class Client extends Emitter {
       this.#detach(ws);
       ws.close(1000);
     }
-    this.#lost(1000, "closed by the client", "closed");
+    this.#perform(this.#state.close());
+    this.#perform(this.#state.lost(1000, "closed by the client"));
   }
 
-  // -- sending -----------------------------------------------------------
+  // -- carrying out the state's decisions --------------------------------
 
   _request(channel, event, data, options) {
-    if (this.#closed) {
-      return Promise.reject(new RobeSocketsError("closed", "the client was closed", channel));
-    }
-    if (typeof event !== "string" || !event || event.length > 64 || event.startsWith("@")) {
-      return Promise.reject(new RobeSocketsError("bad_event",
-        `invalid event name ${JSON.stringify(event)}: 1 to 64 characters, not starting with '@'`, channel));
-    }
     return new Promise((resolve, reject) => {
-      const ref = ++this.#lastRef;
-      // Serialised now, so data that is not JSON fails here, for this caller.
-      const request = { ref, text: JSON.stringify({ channel, event, data, ref }), resolve, reject };
-      const timeout = options.timeout ?? this.#options.sendTimeout;
-      if (this.#connected) {
-        this.#transmit(request);
-      } else if (this.#queue.length >= this.#options.maxQueue) {
-        reject(new RobeSocketsError("queue_full",
-          `not connected, and ${this.#options.maxQueue} sends are already waiting`, channel));
-        return;
-      } else {
-        this.#queue.push(request);
-      }
+      const request = { resolve, reject, timer: null };
+      const actions = this.#state.send(channel, event, data, request);  // a throw rejects
+      const timeout = options.timeout ?? this.#sendTimeout;
       request.timer = setTimeout(() => {
-        this.#pending.delete(ref);
-        const queued = this.#queue.indexOf(request);
-        if (queued !== -1) this.#queue.splice(queued, 1);
+        if (!this.#state.withdraw(request)) return;
         reject(new RobeSocketsError("timeout",
           `no answer to ${JSON.stringify(event)} on ${JSON.stringify(channel)} within ${timeout} ms`, channel));
       }, timeout);
+      this.#perform(actions);
     });
   }
 
-  #transmit(request) {
-    this.#pending.set(request.ref, request);
-    this.#ws.send(request.text);
+  #perform(actions) {
+    for (const action of actions) {
+      switch (action.type) {
+        case "send":
+          this.#ws?.send(action.text);  // none only once a handler closed the client
+          break;
+        case "emit":
+          for (const name of action.names) (action.channel ?? this)._emit(name, action.value);
+          break;
+        case "settle":
+          clearTimeout(action.request.timer);
+          if (action.error) action.request.reject(action.error);
+          else action.request.resolve(action.result);
+          break;
+        case "retry":
+          // An "error" handler may have closed the client meanwhile.
+          if (!this.#state.closed) this.#retryTimer = setTimeout(() => this.#connect(), action.delay);
+          break;
+        case "drop":
+          this.#drop(action.reason);
+          break;
+      }
+    }
+    this.#schedule();
   }
 
-  #settle(ref, outcome) {
-    const request = this.#pending.get(ref);
-    if (!request) return false;
-    this.#pending.delete(ref);
-    clearTimeout(request.timer);
-    outcome(request);
-    return true;
+  /** One timer for whatever the state waits for next (`@connected`, a
+   * ping, a pong); frames only ever push that later, so the timer set
+   * stays unless the new deadline comes sooner, and an early tick does nothing. */
+  #schedule() {
+    const wait = this.#state.waitTime();
+    if (wait === null) {
+      clearTimeout(this.#tickTimer);
+      this.#tickTimer = null;
+      return;
+    }
+    const at = Date.now() + wait;
+    if (this.#tickTimer !== null && this.#tickAt <= at) return;
+    clearTimeout(this.#tickTimer);
+    this.#tickAt = at;
+    this.#tickTimer = setTimeout(() => {
+      this.#tickTimer = null;
+      this.#perform(this.#state.tick());
+    }, wait);
   }
 
-  #write(frame) {
-    this.#ws.send(JSON.stringify(frame));
-  }
-
-  #sendSubscribe(channel) {
-    if (channel._subscribing) return;
-    const ref = ++this.#lastRef;
-    const frame = { channel: channel.name, event: "@subscribe", ref };
-    if (channel.epoch !== null) frame.data = { since: channel.seq, epoch: channel.epoch };
-    channel._subscribing = true;
-    this.#subscribing.set(ref, channel);
-    this.#write(frame);
+  #drop(reason) {
+    // A ticket request still under way fails, and that failure is the attempt's.
+    this.#abort?.abort();
+    const ws = this.#ws;
+    if (!ws) return;
+    this.#detach(ws);
+    ws.close();
+    this.#perform(this.#state.lost(1006, reason));
   }
 
   // -- connecting --------------------------------------------------------
 
   async #connect() {
     this.#retryTimer = null;
-    if (this.#closed) return;
+    if (this.#state.closed) return;
     // A server that accepts but never answers (or a network that swallows
     // packets) must not hold the client forever: the whole connect, ticket
     // and handshake up to @connected, has one deadline.
     const abort = new AbortController();
-    const timeout = this.#options.connectTimeout;
-    this.#connectTimer = setTimeout(() => {
-      this.#connectTimer = null;
-      abort.abort();
-      const ws = this.#ws;
-      if (ws) {
-        this.#detach(ws);
-        ws.close();
-        this.#lost(1006, `no @connected within ${timeout} ms`);
-      }
-    }, timeout);
+    this.#abort = abort;
+    this.#state.connecting();
+    this.#schedule();
     let url = this.#url;
     if (this.#ticketUrl !== null) {
       let ticket;
       try {
         ticket = await this.#fetchTicket(abort.signal);
       } catch (error) {
-        clearTimeout(this.#connectTimer);
-        this.#connectTimer = null;
-        if (!this.#closed) {
-          this._emit("error", abort.signal.aborted
-            ? new RobeSocketsError("ticket_failed", `no ticket from ${this.#ticketUrl} within ${timeout} ms`)
-            : error);
-          this.#reconnectLater(error?.retryAfter ?? 0);
-        }
+        this.#perform(this.#state.connectFailed(abort.signal.aborted
+          ? new RobeSocketsError("ticket_failed", `no ticket from ${this.#ticketUrl} within ${this.#connectTimeout} ms`)
+          : error));
         return;
       }
-      if (this.#closed) return;
+      if (this.#state.closed) return;
       url += (url.includes("?") ? "&" : "?") + "ticket=" + encodeURIComponent(ticket);
     }
     let ws;
     try {
       ws = new this.#WebSocket(url);
     } catch (error) {
-      clearTimeout(this.#connectTimer);
-      this.#connectTimer = null;
-      this._emit("error", new RobeSocketsError("connect_failed", `cannot open ${this.#url}: ${error.message}`));
-      this.#reconnectLater();
+      this.#perform(this.#state.connectFailed(
+        new RobeSocketsError("connect_failed", `cannot open ${this.#url}: ${error.message}`)));
       return;
     }
     this.#ws = ws;
-    ws.onopen = () => {
-      this.#lastFrame = Date.now();
-      this.#watch();
-    };
-    ws.onmessage = (event) => this.#onFrame(event.data);
+    ws.onmessage = (event) => this.#perform(this.#state.receive(event.data));
     ws.onclose = (event) => {
       this.#detach(ws);
-      this.#lost(event.code, event.reason);
+      this.#perform(this.#state.lost(event.code, event.reason));
     };
   }
 
@@ -427,158 +749,20 @@ export class Client extends Emitter {
     return body.ticket;
   }
 
-  /** Try again after the backoff, but no sooner than `atLeast` ms (a
-   * refusal's Retry-After), itself at most `maxReconnectDelay`. */
-  #reconnectLater(atLeast = 0) {
-    if (this.#closed) return;  // an "error" handler may have closed the client
-    const { reconnectDelay, maxReconnectDelay } = this.#options;
-    const delay = Math.max(backoffDelay(this.#attempt++, reconnectDelay, maxReconnectDelay),
-      Math.min(atLeast, maxReconnectDelay));
-    this.#retryTimer = setTimeout(() => this.#connect(), delay);
-  }
-
   #detach(ws) {
-    ws.onopen = ws.onmessage = ws.onclose = null;
+    ws.onmessage = ws.onclose = null;
     if (this.#ws === ws) this.#ws = null;
-  }
-
-  /** The socket is gone (or the client closed): settle everything it held. */
-  #lost(code, reason, failure = "disconnected") {
-    clearTimeout(this.#watchTimer);
-    clearTimeout(this.#pongTimer);
-    clearTimeout(this.#connectTimer);
-    this.#watchTimer = this.#pongTimer = this.#connectTimer = null;
-    const wasConnected = this.#connected;
-    this.#connected = false;
-    this.id = null;
-    this.#subscribing.clear();
-    for (const channel of this.#channels.values()) {
-      channel.subscribed = false;
-      channel._subscribing = false;
-    }
-    // Sent but unanswered: the server may or may not have run them, so they
-    // are not sent again.
-    const requests = [...this.#pending.values()];
-    this.#pending.clear();
-    if (this.#closed) requests.push(...this.#queue.splice(0));
-    for (const request of requests) {
-      clearTimeout(request.timer);
-      request.reject(new RobeSocketsError(failure,
-        failure === "closed" ? "the client was closed" : "the connection was lost before the answer"));
-    }
-    if (wasConnected && Date.now() - this.#connectedAt >= STABLE_AFTER) this.#attempt = 0;
-    if (wasConnected) {
-      this._emit("disconnect", { code, reason });
-    } else if (!this.#closed) {
-      this._emit("error", new RobeSocketsError("connect_failed",
-        `cannot open ${this.#url} (close code ${code}${reason ? `: ${reason}` : ""})`));
-    }
-    this.#reconnectLater();
   }
 
   #onOnline = () => {
     // The network is back: try now instead of waiting out the backoff. An
     // attempt under way started offline: if it fails, retry at once too.
-    this.#attempt = 0;
+    this.#state.resetBackoff();
     if (this.#retryTimer === null) return;
     clearTimeout(this.#retryTimer);
     this.#connect();
   };
 
-  #onOffline = () => {
-    // The socket may linger long after the network is gone: check it now.
-    if (this.#connected && this.#pongTimer === null) this.#ping();
-  };
-
-  // -- liveness ----------------------------------------------------------
-
-  #watch() {
-    const interval = this.#options.pingInterval;
-    if (!interval) return;
-    const silent = Date.now() - this.#lastFrame;
-    if (silent >= interval && this.#pongTimer === null) this.#ping();
-    this.#watchTimer = setTimeout(() => this.#watch(), Math.max(interval - silent, 0) || interval);
-  }
-
-  #ping() {
-    this.#ws.send(JSON.stringify({ event: "@ping" }));
-    this.#pongTimer = setTimeout(() => {
-      const ws = this.#ws;
-      if (!ws) return;
-      this.#detach(ws);
-      ws.close();
-      this.#lost(1006, "no answer to @ping");
-    }, this.#options.pongTimeout);
-  }
-
-  // -- frames from the server --------------------------------------------
-
-  #onFrame(text) {
-    this.#lastFrame = Date.now();
-    clearTimeout(this.#pongTimer);
-    this.#pongTimer = null;
-    let frame;
-    try {
-      frame = JSON.parse(text);
-    } catch {
-      frame = null;
-    }
-    if (frame === null || typeof frame !== "object" || typeof frame.event !== "string") {
-      this._emit("error", new RobeSocketsError("bad_frame", "the server sent a frame that is not a protocol object"));
-      return;
-    }
-    const { event, channel = null, data = null, ref = null, seq = null } = frame;
-    switch (event) {
-      case "@connected":
-        this.#onConnected(data);
-        break;
-      case "@reply":
-        this.#settle(ref, (request) => request.resolve(data));
-        break;
-      case "@error":
-        this.#onError(channel, ref, data);
-        break;
-      case "@subscribed": {
-        const target = this.#subscribing.get(ref);
-        this.#subscribing.delete(ref);
-        // Unsubscribed meanwhile: the answer is for a channel object no one holds.
-        if (target && this.#channels.get(target.name) === target) target._onSubscribed(data);
-        break;
-      }
-      case "@pong":
-      case "@unsubscribed":
-        break;
-      default: {
-        const message = { channel, event, data, seq };
-        const target = channel === null ? undefined : this.#channels.get(channel);
-        if (target) target._deliver(message);
-        // A broadcast for a channel just left is dropped; a message to this
-        // connection alone goes to the client's own handlers.
-        else if (seq === null) this._emit("message", message);
-      }
-    }
-  }
-
-  #onConnected(data) {
-    clearTimeout(this.#connectTimer);
-    this.#connectTimer = null;
-    this.#connected = true;
-    this.#connectedAt = Date.now();
-    this.id = data?.id ?? null;
-    for (const channel of this.#channels.values()) {
-      if (channel._wanted) this.#sendSubscribe(channel);
-    }
-    for (const request of this.#queue.splice(0)) this.#transmit(request);
-    this._emit("connect", { id: this.id });
-  }
-
-  #onError(channel, ref, data) {
-    const error = new RobeSocketsError(data?.code ?? "error", data?.message ?? "", channel);
-    if (this.#settle(ref, (request) => request.reject(error))) return;
-    const refused = this.#subscribing.get(ref);
-    this.#subscribing.delete(ref);
-    // Unsubscribed meanwhile: no one holds that channel object any more.
-    if (refused && this.#channels.get(refused.name) === refused) refused._onRefused(error);
-    this._emit("error", error);
-  }
+  // The socket may linger long after the network is gone: check it now.
+  #onOffline = () => this.#perform(this.#state.pingNow());
 }

@@ -356,7 +356,7 @@ test("a connect that hangs, at the ticket or before @connected, is given up and 
   const failures = [];
   silent.on("error", (error) => failures.push(error.message));
   const first = await socketNumber(1);
-  first.onopen();  // opened, but no @connected ever comes
+  first.onopen?.();  // opened, but no @connected ever comes
   await socketNumber(2);
   assert.notEqual(first.closedWith, null);
   assert.match(failures[0], /close code 1006: no @connected within 10 ms/);
