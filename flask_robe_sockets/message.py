@@ -1,4 +1,8 @@
-"""The message a handler receives."""
+"""The message a server-side handler receives.
+
+The Python client's handlers receive another class, for events that come
+the other way: :class:`flask_robe_sockets.client.ReceivedMessage`.
+"""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
