@@ -39,6 +39,11 @@ log = logging.getLogger("flask_robe_sockets")
 
 #: Bytes the reader handles before it lets the other greenlets run.
 TURN_BYTES = 65536
+#: Bytes read and dropped from a client we failed (1002, 1007, 1008, 1009)
+#: before we stop reading it: enough for what an honest client had in
+#: flight, so that it still reads our close code; an attacker that keeps
+#: sending gets its socket closed instead of costing us the reading.
+DRAIN_BYTES = 1 << 20
 
 
 def under_gevent() -> bool:
@@ -132,12 +137,16 @@ class ServerSocket(simple_websocket.Server):
     def _thread(self) -> None:
         listener = self.listener
         frames = self.frames
-        work = 0
+        work = drained = 0
         try:
             while self.connected:
                 data = self.sock.recv(self.receive_bytes)
                 if not data:
                     break
+                if frames.mode is DRAINING:
+                    drained += len(data)
+                    if drained > DRAIN_BYTES:
+                        break
                 listener.on_activity()
                 try:
                     self.connected = frames.feed(data)
