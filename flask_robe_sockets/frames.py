@@ -89,7 +89,7 @@ class FrameReader:
     # Slots: one reader per idle connection, whose whole budget is a few KiB.
     __slots__ = (
         "listener", "max_message_size", "max_fragments", "mode", "_buffer", "_needed",
-        "_opcode", "_fragments", "_size", "_parts", "_decoder", "_dropped",
+        "_opcode", "_fragments", "_size", "_parts", "_decoder", "_dropped", "_probe",
     )
 
     def __init__(self, listener: Listener, max_message_size: int, max_fragments: int) -> None:
@@ -113,18 +113,23 @@ class FrameReader:
         # Made for the first fragmented text message: most clients never send one.
         self._decoder: codecs.IncrementalDecoder | None = None
         self._dropped = False
+        # While a text frame is still arriving: a UTF-8 decoder, where its
+        # payload starts in the buffer and up to where it was checked, its mask.
+        self._probe: tuple[codecs.IncrementalDecoder, int, int, bytes] | None = None
 
     def close(self) -> None:
         """Our close frame is out: look only for the client's."""
         if self.mode is READING:
             self.mode = CLOSING
             self._parts = []
+            self._probe = None
 
     def drain(self) -> None:
         """Drop whatever the client still sends, unread."""
         self.mode = DRAINING
         self._buffer = bytearray()
         self._parts = []
+        self._probe = None
 
     def feed(self, data: bytes) -> bool:
         """Read the frames in ``data``; ``False`` once the client's close frame came.
@@ -134,16 +139,19 @@ class FrameReader:
         """
         if self.mode is DRAINING:
             return True
-        buffer = self._buffer
-        if buffer:
-            # Appended in place: a frame trickling in byte by byte must not
-            # be copied whole on every read.
-            buffer += data
-            if len(buffer) < self._needed:
-                return True
-            data = bytes(buffer)
-            buffer.clear()
         try:
+            buffer = self._buffer
+            if buffer:
+                # Appended in place: a frame trickling in byte by byte must not
+                # be copied whole on every read.
+                buffer += data
+                if len(buffer) < self._needed:
+                    if self._probe is not None:
+                        self._check_text()
+                    return True
+                data = bytes(buffer)
+                buffer.clear()
+                self._probe = None
             return self._read(data)
         except FrameError:
             self.drain()
@@ -182,6 +190,16 @@ class FrameReader:
                 # _check refused anything longer than one allowed frame, so
                 # that is all that is ever buffered.
                 self._keep(data, pos, size)
+                if self.mode is READING and (
+                    opcode == TEXT or (opcode == CONTINUATION and self._opcode == TEXT and not self._dropped)
+                ):
+                    # Bad UTF-8 fails the connection as soon as it arrives,
+                    # not when the rest of a large frame is in.
+                    decoder = codecs.getincrementaldecoder("utf-8")()
+                    if opcode == CONTINUATION and self._decoder is not None:
+                        decoder.setstate(self._decoder.getstate())
+                    self._probe = (decoder, head, head, bytes(self._buffer[head - 4 : head]))
+                    self._check_text()
                 return True
             start, pos = pos + head, pos + size
             if opcode < CLOSE:
@@ -214,6 +232,19 @@ class FrameReader:
                 self.drain()
                 return False
         return True
+
+    def _check_text(self) -> None:
+        """Decode what came of the text frame still arriving, from where it was left."""
+        decoder, start, checked, mask = self._probe
+        buffer = self._buffer
+        if len(buffer) <= checked:
+            return
+        turn = (checked - start) % 4
+        try:
+            decoder.decode(unmask(bytes(buffer[checked:]), mask[turn:] + mask[:turn]))
+        except UnicodeDecodeError:
+            raise FrameError(CLOSE_INVALID_DATA, "invalid UTF-8") from None
+        self._probe = (decoder, start, len(buffer), mask)
 
     def _keep(self, data: bytes, pos: int, needed: int) -> None:
         self._buffer += data[pos:] if pos else data

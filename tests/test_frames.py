@@ -304,3 +304,39 @@ def test_close_frame_reason_is_cut_on_a_character_boundary():
     data = close_frame(1000, "é" * 100)
     assert data[1] <= 125
     assert data[4:].decode("utf-8") == "é" * 61
+
+
+def test_bad_utf8_fails_before_the_rest_of_its_frame_arrives():
+    """A large text frame whose first bytes are not UTF-8 fails (1007) at once, not at its end."""
+    frames, listener = reader(max_size=100_000)
+    frame = build_frame(TEXT, b"ok" + b"\xff" + b"x" * 50_000)
+    frames.feed(frame[:4])
+    with pytest.raises(FrameError) as info:
+        frames.feed(frame[4:20])
+    assert info.value.code == 1007
+    assert listener.calls == []
+
+
+def test_trickled_text_is_checked_once_and_delivered_whole():
+    """A text frame arriving a few bytes at a time, characters split anywhere, is delivered whole."""
+    text = "é€😀" * 500
+    frames, listener = reader(max_size=100_000)
+    frame = build_frame(TEXT, text.encode())
+    for i in range(0, len(frame), 7):
+        frames.feed(frame[i : i + 7])
+    assert listener.calls == [("text", text)]
+
+
+def test_bad_utf8_in_a_continuation_still_arriving_fails():
+    """The check of a fragment still arriving starts from the message's state (a split character)."""
+    data = "€".encode()
+    frames, _ = reader(max_size=100_000)
+    frames.feed(build_frame(TEXT, b"a" + data[:1], fin=False))
+    second = build_frame(CONTINUATION, data[1:] + b"ok" * 1000, fin=True)
+    frames.feed(second[:10])  # the rest of the euro sign: still fine
+    bad = build_frame(CONTINUATION, b"\xc3(" + b"x" * 1000, fin=True)
+    frames2, _ = reader(max_size=100_000)
+    frames2.feed(build_frame(TEXT, b"a", fin=False))
+    with pytest.raises(FrameError) as info:
+        frames2.feed(bad[:12])
+    assert info.value.code == 1007
