@@ -31,8 +31,8 @@ from flask import Flask
 from flask_wtf.csrf import CSRFProtect
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import chat, views
-from .realtime import sockets
+from . import chat, realtime, views  # noqa: F401 (realtime registers the handlers)
+from .extensions import sockets
 from .security import SessionInterface, add_security_headers
 
 csrf = CSRFProtect()

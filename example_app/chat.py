@@ -18,6 +18,8 @@ from typing import Any
 
 from flask_robe_sockets import Message
 
+from .extensions import sockets
+
 #: Redis for the channels, the room history and the job queue; ``None``
 #: keeps all three in the web process (one gunicorn worker).
 REDIS_URL = os.environ.get("REDIS_URL") or None
@@ -152,8 +154,6 @@ def publish(channel: str, event: str, data: Any) -> None:
             _publisher = Publisher.from_url(REDIS_URL)
         _publisher[channel].send(event, data)
     else:
-        from .realtime import sockets
-
         sockets[channel].send(event, data)
 
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from flask import session
 
-from flask_robe_sockets import Connection, Forbidden, Message, RobeSockets
+from flask_robe_sockets import Connection, Forbidden, Message
 
 from . import chat
-
-sockets = RobeSockets()
+from .extensions import sockets
 
 
 @sockets.identity_loader

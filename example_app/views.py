@@ -10,7 +10,7 @@ from flask import Blueprint, abort, jsonify, redirect, render_template, request,
 from flask_wtf.csrf import CSRFError
 
 from . import chat
-from .realtime import sockets
+from .extensions import sockets
 from .security import UnsafeRedirect, same_site_path
 
 bp = Blueprint("chat", __name__)
