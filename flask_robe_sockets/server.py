@@ -63,11 +63,11 @@ class SocketServer:
         # backend's one encoding of the frame, before anything is sent.
         return Channel(name, self.backend.publish)
 
-    def serve(self, environ: dict, identity: Any, remote_addr: str | None) -> None:
-        """Upgrade the request and run its connection until it ends."""
+    def session(self, identity: Any, remote_addr: str | None) -> Session:
+        """A new connection's session (with its public Connection), to ``serve``."""
         session = Session(self.settings, self, identity, remote_addr)
         session.owner = Connection(session, self.hub)
-        session.serve(environ)
+        return session
 
     # -- the sessions' events --------------------------------------------
 
