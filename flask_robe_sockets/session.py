@@ -98,6 +98,9 @@ class Session:
         # A list, not a deque: an empty deque takes 600 bytes, an idle
         # connection's whole budget is a few kilobytes.
         self._queue: list[bytes] = []
+        # Copied from the settings: push reads them for every broadcast.
+        self._queue_size = settings.send_queue_size
+        self._queue_max_bytes = settings.send_queue_bytes
         # Bytes in the queue, and in a batch being written from it.
         self._queued_bytes = 0
         self._on_gevent = under_gevent()
@@ -186,18 +189,16 @@ class Session:
         """Queue a ready WebSocket frame; never blocks."""
         if self._closing:
             return
-        if len(self._queue) >= self._settings.send_queue_size or (
-            self._queued_bytes + len(frame) > self._settings.send_queue_bytes
-        ):
+        if len(self._queue) >= self._queue_size or self._queued_bytes + len(frame) > self._queue_max_bytes:
             if self._on_gevent:
                 # The flusher may not have had its turn yet (a reader handles
                 # a whole read, e.g. a reconnect's resubscribes with their
                 # replays, without yielding): the socket may take it now.
                 self.flush()
-            if len(self._queue) >= self._settings.send_queue_size or (
+            if len(self._queue) >= self._queue_size or (
                 # A frame larger than the whole budget still goes to a client
                 # that has nothing else waiting.
-                self._queued_bytes and self._queued_bytes + len(frame) > self._settings.send_queue_bytes
+                self._queued_bytes and self._queued_bytes + len(frame) > self._queue_max_bytes
             ):
                 self._overflow()
                 return
