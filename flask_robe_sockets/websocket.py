@@ -37,6 +37,26 @@ from .frames import DRAINING, FrameError, FrameReader, Listener
 
 log = logging.getLogger("flask_robe_sockets")
 
+# What ServerSocket relies on in simple-websocket, none of it documented API
+# (read in its ws.py, 1.1.0; setup.cfg allows 1.1.x, and
+# tests/test_websocket.py fails naming the item when a release changes one):
+# - Server.__init__(environ, receive_bytes=, max_message_size=, thread_class=)
+#   takes the client socket from environ["werkzeug.socket"] or
+#   environ["gunicorn.socket"] and passes thread_class on to Base.__init__.
+# - Base.__init__ keeps the socket in self.sock and receive_bytes, makes
+#   self.ws (a server-side wsproto WSConnection), calls self.handshake() and
+#   goes on only if that set self.connected; then, and only then, it builds
+#   the reader as thread_class(target=self._thread), rewrites its .name (so
+#   _Reader has one) and calls .start().
+# - Server.handshake() feeds the environ's HTTP_* headers to self.ws and sets
+#   self.connected = self._handle_events().
+# - The overrides replace methods of those names: _thread (the reader),
+#   _handle_events (here the upgrade only). simple-websocket's send,
+#   receive and close are never called (they write with sock.send and pile
+#   messages up without bound). sock and ws are used in this module alone;
+#   connected is set here too (by the reader and close_socket), and the
+#   session reads it as "the reader may still be running".
+
 #: Bytes the reader handles before it lets the other greenlets run.
 TURN_BYTES = 65536
 #: Bytes read and dropped from a client we failed (1002, 1007, 1008, 1009)
