@@ -24,11 +24,14 @@ class RateLimiter:
         self.strikes = 0
         self.refused_at = 0.0
 
-    def allow(self, cost: float = 1) -> bool:
-        """Take ``cost`` units if they are there; count a strike if not."""
+    def _refill(self) -> None:
         now = time.monotonic()
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
+
+    def allow(self, cost: float = 1) -> bool:
+        """Take ``cost`` units if they are there; count a strike if not."""
+        self._refill()
         if self.tokens >= cost:
             self.tokens -= cost
             return True
@@ -45,6 +48,7 @@ class RateLimiter:
 
     def retry_after(self, cost: float = 1) -> float:
         """Seconds until ``cost`` units are there (0 when they are now)."""
+        self._refill()
         return max(0.0, (cost - self.tokens) / self.rate)
 
     @property

@@ -118,12 +118,6 @@ def test_retry_after_says_when_the_units_are_back(clock):
     assert limiter.retry_after(2) == 0.5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="retry_after reads the tokens as of the last allow(), without the refill since: called later it"
-    " overstates the wait (its docstring promises 0 when the units are there). Its one caller,"
-    " TicketRateLimit.check, asks right after allow(), so no answer is wrong today.",
-)
 def test_retry_after_counts_the_refill_since_the_last_charge(clock):
     """retry_after() asked a while after the last charge counts the tokens that came back meanwhile."""
     limiter = RateLimiter(rate=2, burst=2)
