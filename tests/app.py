@@ -106,6 +106,14 @@ def create_app() -> Flask:
             result["connection_objects"] = sum(isinstance(o, Connection) for o in objects)
         return jsonify(result)
 
+    @app.get("/connections_of/<identity>")
+    def connections_of(identity):
+        """This worker's connection ids of one identity, and of everyone."""
+        return jsonify(
+            of=sorted(conn.id for conn in sockets.connections_of(identity)),
+            all=sorted(conn.id for conn in sockets.connections),
+        )
+
     @app.errorhandler(PublishError)
     def publish_failed(exc):
         """A send the backend refused reaches the caller, as an app would report it."""
