@@ -54,8 +54,8 @@ log = logging.getLogger("flask_robe_sockets")
 #   _handle_events (here the upgrade only). simple-websocket's send,
 #   receive and close are never called (they write with sock.send and pile
 #   messages up without bound). sock and ws are used in this module alone;
-#   connected is set here too (by the reader and close_socket), and the
-#   session reads it as "the reader may still be running".
+#   connected is set here too (by the reader and close_socket), and read
+#   through the ``reading`` property.
 
 #: Bytes the reader handles before it lets the other greenlets run.
 TURN_BYTES = 65536
@@ -114,6 +114,11 @@ class ServerSocket(simple_websocket.Server):
             max_message_size=max_message_size,
             thread_class=_Reader if under_gevent() else None,
         )
+
+    @property
+    def reading(self) -> bool:
+        """Whether the reader still reads this socket (simple-websocket's ``connected``)."""
+        return self.connected
 
     @property
     def draining(self) -> bool:
