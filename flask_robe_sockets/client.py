@@ -46,6 +46,7 @@ defined in :mod:`~flask_robe_sockets.clientstate`, which decides them)::
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import queue
 import ssl
@@ -53,12 +54,13 @@ import socket
 import threading
 import weakref
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Optional, Tuple
 from urllib.parse import urlencode, urlsplit
 
 from . import protocol
 from .clientsocket import ClientSocket
 from .clientstate import (
+    CHANNEL_EVENTS,
     STABLE_AFTER,
     Action,
     ChannelState,
@@ -78,6 +80,7 @@ from .clientstate import (
     Settle,
     Subscribed,
     error_name,
+    is_channel_event,
     retry_after_seconds,
 )
 
@@ -135,20 +138,32 @@ class Channel(ChannelState):
     def on(self, event: str, handler: Callable[..., Any]) -> Callable[..., Any]:
         """Call ``handler`` on a channel event, in the client's handler thread.
 
-        - ``"<event name>"``: ``handler(message)``, a :class:`Message`, for
-          that application event only;
-        - ``"message"``: ``handler(message)`` for every application event;
-        - ``"subscribed"``: ``handler(subscribed)``, a :class:`Subscribed`,
-          after each ``@subscribed`` (reload your state when its
+        - ``"message"``: ``handler(message)``, a :class:`ReceivedMessage`,
+          for every application event of the channel, whatever its name,
+          as in Robe (``message.event`` says which); never for the client's
+          own events below;
+        - ``"<event name>"``: ``handler(message)`` for the application
+          events of that name only;
+        - ``"@subscribed"``: ``handler(subscribed)``, a :class:`Subscribed`,
+          after each ``@subscribed``, the server's own included when the
+          channel's history was lost (reload your state when its
           ``recovered`` is false);
-        - ``"error"``: ``handler(exc)``, a :class:`ReplyError`, when the
+        - ``"@error"``: ``handler(exc)``, a :class:`ReplyError`, when the
           subscription is refused; the client's ``"error"`` hears it too.
 
-        As in the browser client, application events named ``subscribed``
-        or ``error`` reach those handlers (and the ``"message"`` ones).
+        The client's own events start with ``@``, as application event
+        names cannot, so an application event called ``error`` or
+        ``subscribed`` is an application event like any other. A handler
+        may take fewer arguments than these (``lambda: ...``).
+
+        :raises ValueError: ``event`` is neither an application event name
+            nor one of the client's own.
         """
-        if not protocol.is_valid_event(event):
-            raise ValueError(f"invalid event name {event!r}: 1 to 64 characters, not starting with '@'")
+        if not is_channel_event(event):
+            raise ValueError(
+                f"invalid event name {event!r}: 1 to 64 characters, not starting with '@',"
+                f" or one of {', '.join(CHANNEL_EVENTS)}"
+            )
         self._handlers.add(self, event, handler)
         return handler
 
@@ -170,6 +185,32 @@ class Channel(ChannelState):
         return self._request(self.name, event, data, timeout)
 
 
+def _arguments_taken(handler: Callable[..., Any]) -> int | None:
+    """How many positional arguments ``handler`` takes; ``None`` for all.
+
+    Read once, when the handler is registered: a handler written with fewer
+    arguments than the client passes gets the first ones (``lambda: ...``
+    for ``"disconnect"``), as a JavaScript function ignores extra ones. A
+    TypeError that the handler itself raises is its own failure, logged
+    like any other, never a reason to call it again with fewer.
+    """
+    try:
+        parameters = inspect.signature(handler).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (some builtins): pass them all
+        return None
+    taken = 0
+    for parameter in parameters:
+        if parameter.kind is parameter.VAR_POSITIONAL:
+            return None
+        if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD):
+            taken += 1
+    return taken
+
+
+# A handler, and how many of an event's arguments it takes (None: all).
+_Handler = Tuple[Callable[..., Any], Optional[int]]
+
+
 class _Handlers:
     """The application's handlers, the client's and its channels', and the
     thread that runs them one at a time, in order.
@@ -180,7 +221,8 @@ class _Handlers:
     """
 
     def __init__(self, holds: Callable[[ChannelState], bool]) -> None:
-        self._own: dict[str, list[Callable[..., Any]]] = {name: [] for name in _CLIENT_EVENTS}
+        # Each handler with how many of an event's arguments it takes.
+        self._own: dict[str, list[_Handler]] = {name: [] for name in _CLIENT_EVENTS}
         # Weak, so that a channel left and forgotten takes its handlers along.
         self._channels: weakref.WeakKeyDictionary[Channel, defaultdict[str, list]] = (
             weakref.WeakKeyDictionary()
@@ -191,10 +233,11 @@ class _Handlers:
         self.thread = threading.Thread(target=self._run, name="robe-sockets-handlers", daemon=True)
 
     def add(self, channel: Channel | None, event: str, handler: Callable[..., Any]) -> None:
+        entry = (handler, _arguments_taken(handler))
         if channel is None:
-            self._own[event].append(handler)
+            self._own[event].append(entry)
         else:
-            self._channels.setdefault(channel, defaultdict(list))[event].append(handler)
+            self._channels.setdefault(channel, defaultdict(list))[event].append(entry)
 
     def call(self, emit: Emit) -> None:
         self._calls.put(emit)
@@ -218,9 +261,9 @@ class _Handlers:
                     if emit.channel is None
                     else self._channels.get(emit.channel, {}).get(name, ())
                 )
-                for handler in tuple(handlers):
+                for handler, taken in tuple(handlers):
                     try:
-                        handler(*emit.args)
+                        handler(*emit.args[:taken])
                     except Exception:
                         log.exception("handler %r failed", handler)
 
@@ -355,21 +398,35 @@ class Client:
         - ``"error"``: ``handler(exc)``, a :class:`ConnectError` for a failed
           connect attempt or a :class:`ReplyError` for an ``@error`` that
           answers no send (a refused subscribe);
-        - ``"message"``: ``handler(message)``, a :class:`Message` sent to
-          this connection alone outside any subscribed channel.
+        - ``"message"``: ``handler(message)``, a :class:`ReceivedMessage`
+          sent to this connection alone outside any subscribed channel.
+
+        A handler may take fewer arguments than these: ``lambda: ...`` is
+        fine for ``"disconnect"``.
         """
         if event not in _CLIENT_EVENTS:
             raise ValueError(f"unknown client event {event!r}: one of {', '.join(_CLIENT_EVENTS)}")
         self._handlers.add(None, event, handler)
         return handler
 
-    def subscribe(self, name: str) -> Channel:
+    def subscribe(self, name: str, *, since: int | None = None, epoch: str | None = None) -> Channel:
         """Subscribe to channel ``name`` and return it; the same object for
         the same name. Works before the socket is open: channels are
         subscribed on each connect. After a refusal, calling it again asks
-        the server again."""
+        the server again.
+
+        :param since: with ``epoch``, a position the application saved
+            from a channel's ``seq`` and ``epoch`` (a process that
+            restarted): the server replays what came after it, in order,
+            as on a reconnect, and ``"@subscribed"`` says ``recovered``
+            whether it could. Both or neither; by default the channel starts
+            from now, with ``recovered`` false.
+        :raises ValueError: an invalid channel name or position, or a
+            position for a channel already subscribed from another one.
+        :raises ClientClosed: the client is closed.
+        """
         with self._lock:
-            channel, actions = self._state.subscribe(name)
+            channel, actions = self._state.subscribe(name, since, epoch)
             self._perform(actions)
         return channel  # type: ignore[return-value]  # made by new_channel
 

@@ -37,9 +37,22 @@ STABLE_AFTER = 10.0
 #: (RFC 6455 reserves it for exactly that; it never goes on the wire).
 CLOSE_ABNORMAL = 1006
 
+#: The channel events that are the client's own, named as the protocol
+#: names them: application event names cannot start with ``@``, so an app
+#: that broadcasts an event called ``error`` never reaches these handlers.
+CHANNEL_EVENTS = (protocol.SUBSCRIBED, protocol.UNSUBSCRIBED, protocol.ERROR)
+
+#: The channel handler name that gets every application event of the
+#: channel, whatever its name, as in Robe (never the client's own events).
+EVERY_EVENT = "message"
+
 # Subscribe refusals that may pass on the next connect; any other refusal
 # holds until the application subscribes again.
 _RETRIED_REFUSALS = frozenset({"rate_limited"})
+
+# The largest seq a position may name: the largest integer a browser's
+# JSON keeps exact (Number.MAX_SAFE_INTEGER), so both clients take the same.
+_MAX_SEQ = 2**53 - 1
 
 # A number of seconds, as Retry-After gives it (RFC 9110 allows digits
 # only; a fraction is taken too). Anything else, an HTTP-date included,
@@ -308,21 +321,41 @@ class ClientState:
 
     # -- what the application does --------------------------------------
 
-    def subscribe(self, name: str) -> tuple[ChannelState, list[Action]]:
+    def subscribe(
+        self, name: str, since: int | None = None, epoch: str | None = None
+    ) -> tuple[ChannelState, list[Action]]:
         """The channel ``name``, wanted from now on, and its ``@subscribe``
         if connected. After a refusal this asks the server again.
 
-        :raises ValueError: not a channel name the protocol allows.
+        ``since`` and ``epoch`` (both or neither) are a position the
+        application saved, a channel's ``seq`` and ``epoch``: the
+        ``@subscribe`` starts from it, so the server replays what came
+        after, as on a reconnect. A channel whose ``@subscribe`` has gone
+        out already keeps its own position.
+
+        :raises ValueError: not a channel name the protocol allows, a
+            position that is not one, or a position other than its own for
+            a channel subscribed or on its way.
         :raises ClientClosed: the client is closed.
         """
         if not protocol.is_valid_channel(name):
             raise ValueError(
                 f"invalid channel name {name!r}: 1 to 128 characters from A-Z a-z 0-9 _ - . : /"
             )
+        position = _position(since, epoch)
         self._check_open()
         channel = self.channels.get(name)
+        if position is not None and channel is not None and _started(channel):
+            if (channel.seq, channel.epoch) != position:
+                raise ValueError(
+                    f"already subscribed to {name!r} (at seq {channel.seq} of epoch {channel.epoch!r}):"
+                    " a saved position only starts a subscription; pass it to the first subscribe()"
+                )
+            position = None  # where the channel is already
         if channel is None:
             channel = self.channels[name] = self._new_channel(name)
+        if position is not None:
+            channel.seq, channel.epoch = position
         channel.wanted = True
         if self.connected and not channel.subscribed:
             return channel, self._subscribe(channel)
@@ -434,12 +467,16 @@ class ClientState:
         if event == protocol.ERROR:
             return self._on_error(ReplyError(data["code"], data["message"], channel), ref)
         if event == protocol.SUBSCRIBED:
+            subscribed = Subscribed(data["recovered"], data["seq"], data["epoch"])
+            if ref is None:
+                return self._on_history_lost(channel, subscribed)
             target = self._answered_subscribe(channel, ref)
-            if target is None:
-                return []
-            return self._on_subscribed(target, Subscribed(data["recovered"], data["seq"], data["epoch"]))
-        if event in (protocol.PONG, protocol.UNSUBSCRIBED):
-            return []  # reading it was the point
+            return [] if target is None else self._on_subscribed(target, subscribed)
+        if not protocol.is_valid_event(event):
+            # @pong (reading it was the point), the answer to our own
+            # @unsubscribe, or a protocol event this client does not know
+            # (e.g. a newer server's): never an application event.
+            return []
         return self._on_message(ReceivedMessage(channel, event, data, frame.get("seq")))
 
     def tick(self) -> list[Action]:
@@ -580,7 +617,7 @@ class ClientState:
             # Refused for good, until subscribe() asks again; but a
             # subscribe that was only rate limited is tried on the next connect.
             refused.wanted = error.code in _RETRIED_REFUSALS
-            actions.append(Emit(refused, ("error",), (error,)))
+            actions.append(Emit(refused, (protocol.ERROR,), (error,)))
         actions.append(Emit(None, ("error",), (error,)))
         return actions
 
@@ -591,18 +628,60 @@ class ClientState:
             # the replay that follows moves seq on by itself.
             channel.seq = subscribed.seq
         channel.epoch = subscribed.epoch
-        return [Emit(channel, ("subscribed",), (subscribed,))]
+        return [Emit(channel, (protocol.SUBSCRIBED,), (subscribed,))]
+
+    def _on_history_lost(self, name: str | None, subscribed: Subscribed) -> list[Action]:
+        """An ``@subscribed`` without ``ref``: the channel's history was lost
+        under a subscription (PROTOCOL.md section 6). Its new epoch and the
+        seq the next broadcast follows replace the channel's, and the
+        application hears it, so that it reloads that channel's state."""
+        channel = self.channels.get(name) if name is not None else None
+        if channel is None or not _started(channel) or subscribed.recovered:
+            return []  # a channel left or not asked for; nothing was lost
+        channel.seq = subscribed.seq
+        channel.epoch = subscribed.epoch
+        return [Emit(channel, (protocol.SUBSCRIBED,), (subscribed,))]
 
     def _on_message(self, message: ReceivedMessage) -> list[Action]:
         channel = self.channels.get(message.channel) if message.channel is not None else None
         if channel is not None:
             if message.seq is not None:
                 channel.seq = message.seq
-            names = ("message",) if message.event == "message" else ("message", message.event)
+            names = (EVERY_EVENT,) if message.event == EVERY_EVENT else (EVERY_EVENT, message.event)
             return [Emit(channel, names, (message,))]
         if message.seq is None:  # to this connection alone
             return [Emit(None, ("message",), (message,))]
         return []  # a broadcast on a channel just left
+
+
+def is_channel_event(name: Any) -> bool:
+    """Whether a channel handler may be registered for ``name``: an
+    application event name (``"message"`` for all of them) or one of
+    :data:`CHANNEL_EVENTS`."""
+    return name in CHANNEL_EVENTS or protocol.is_valid_event(name)
+
+
+def _position(since: Any, epoch: Any) -> tuple[int, str] | None:
+    """A saved position, checked: ``None`` when neither is given.
+
+    Both or neither: a ``seq`` means nothing without its epoch (the same seq
+    in two epochs is two different messages), and the protocol's own
+    clients always send the epoch (PROTOCOL.md section 6).
+    """
+    if since is None and epoch is None:
+        return None
+    if since is None or epoch is None:
+        raise ValueError("since and epoch go together: pass both (a channel's seq and epoch) or neither")
+    if not isinstance(since, int) or isinstance(since, bool) or not 0 <= since <= _MAX_SEQ:
+        raise ValueError(f"since must be a seq, an integer from 0, got {since!r}")
+    if not isinstance(epoch, str) or not epoch:
+        raise ValueError(f"epoch must be the epoch a @subscribed named, a string, got {epoch!r}")
+    return since, epoch
+
+
+def _started(channel: ChannelState) -> bool:
+    """Whether the channel's ``@subscribe`` went out on this connection."""
+    return channel.subscribed or channel.subscribe_ref is not None
 
 
 def retry_after_seconds(value: str | None) -> float | None:

@@ -174,8 +174,8 @@ def test_private_channel_is_refused_to_another_user(chat, chat_server):
             const client = new Client();
             const join = (name) => new Promise((resolve) => {
                 const channel = client.subscribe(name);
-                channel.on("subscribed", () => resolve("subscribed"));
-                channel.on("error", (error) => resolve(error.code));
+                channel.on("@subscribed", () => resolve("subscribed"));
+                channel.on("@error", (error) => resolve(error.code));
             });
             try {
                 const refused = await join("user:alice");
@@ -189,6 +189,66 @@ def test_private_channel_is_refused_to_another_user(chat, chat_server):
         }"""
     )
     assert outcome == ["forbidden", "subscribed", "forbidden"]
+
+
+def test_page_resumes_from_a_saved_position(chat, chat_server):
+    """The browser module started from a saved seq and epoch (as a page that reloaded would)
+    gets the messages it missed, in order, with @subscribed recovered; "message" gets only the
+    room's events, never the client's own @subscribed."""
+    chat.watch(chat_server)
+    bob = chat.sign_in(chat_server, "bob")
+    texts = [unique("before"), unique("missed 1"), unique("missed 2")]
+    outcome = bob.evaluate(
+        """async ([before, ...missed]) => {
+            const { Client } = await import("/ops/client.js");
+            const within = (promise, what) => Promise.race([promise, new Promise((_, reject) =>
+                setTimeout(() => reject(new Error(`timed out waiting for ${what}`)), 10000))]);
+            const subscribed = (channel) => within(new Promise((resolve) => channel.on("@subscribed", resolve)), "@subscribed");
+            const saw = (channel, text) => within(new Promise((resolve) =>
+                channel.on("message", (m) => m.data.text === text && resolve())), text);
+            const events = [];
+            const clients = [];
+            const open = (position) => {
+                const client = new Client();
+                clients.push(client);
+                const channel = client.subscribe("room:random", position);
+                channel.on("message", (m) => events.push(m.event));
+                return channel;
+            };
+            try {
+                const first = open();
+                await subscribed(first);
+                const seen = saw(first, before);
+                await first.send("message", { text: before });
+                await seen;
+                const saved = { since: first.seq, epoch: first.epoch };
+                first.client.close();
+
+                const other = open();
+                await subscribed(other);
+                const sent = saw(other, missed[1]);
+                for (const text of missed) await other.send("message", { text });
+                await sent;
+
+                const again = open(saved);
+                const replayed = [];
+                const done = within(new Promise((resolve) => again.on("message", (m) => {
+                    replayed.push(m.data.text);
+                    if (replayed.length === missed.length) resolve();
+                })), "the replay");
+                const info = await subscribed(again);
+                await done;
+                return { info, saved, replayed, seq: again.seq, events: [...new Set(events)] };
+            } finally {
+                for (const client of clients) client.close();
+            }
+        }""",
+        texts,
+    )
+    since, epoch = outcome["saved"]["since"], outcome["saved"]["epoch"]
+    assert outcome["info"] == {"recovered": True, "seq": since + 2, "epoch": epoch}
+    assert outcome["replayed"] == texts[1:] and outcome["seq"] == since + 2
+    assert outcome["events"] == ["message"]
 
 
 def test_network_cut_replays_what_was_missed(chat, chat_server):

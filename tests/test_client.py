@@ -6,8 +6,12 @@ while the server (and its in-memory history) stays up.
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
+import itertools
 import json
 import logging
+import queue
 import random
 import select
 import shutil
@@ -22,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
 from flask_robe_sockets.client import (
@@ -213,7 +217,7 @@ def outcome(function, *args, **kwargs):
 def subscribed(client: Client, name: str, record: Recorder) -> Subscribed:
     """Subscribe ``name``, recording its messages, and wait for ``@subscribed``."""
     channel = client.subscribe(name)
-    channel.on("subscribed", record("subscribed"))
+    channel.on("@subscribed", record("subscribed"))
     channel.on("ev", record("ev"))
     return record.wait("subscribed")[0]
 
@@ -256,6 +260,16 @@ def test_same_channel_object_and_argument_checks(make_client):
         chat.send("@subscribe")
     with pytest.raises(ValueError):
         chat.on("@reply", print)
+    with pytest.raises(ValueError, match="@subscribed, @unsubscribed, @error"):
+        chat.on("@join", print)
+    for own in ("@subscribed", "@unsubscribed", "@error"):
+        assert chat.on(own, print) is print
+    with pytest.raises(ValueError, match="since and epoch go together"):
+        client.subscribe("news", since=3)
+    with pytest.raises(ValueError, match="since must be a seq"):
+        client.subscribe("news", since=-1, epoch="e1")
+    with pytest.raises(TypeError):
+        client.subscribe("news", 3, "e1")  # by keyword only: subscribe(name, since=..., epoch=...)
     with pytest.raises(ValueError):
         client.on("connected", print)
     with pytest.raises(ValueError):
@@ -271,7 +285,7 @@ def test_subscribe_before_the_socket_is_open(proxy, make_client):
     client = make_client(proxy.ws_url, record=record)
     name = unique()
     channel = client.subscribe(name)
-    channel.on("subscribed", record("subscribed"))
+    channel.on("@subscribed", record("subscribed"))
     record.wait("error")
     assert not client.connected and record.args("subscribed") == []
     proxy.refusing = False
@@ -326,17 +340,44 @@ def test_error_answer_raises_reply_error(make_client, channel, event, code):
 
 
 def test_refused_subscribe_is_an_error_event(make_client):
-    """A refused subscribe reaches the channel's and the client's "error" handlers; subscribing again re-asks."""
+    """A refused subscribe reaches the channel's "@error" and the client's "error" handlers; subscribing again re-asks."""
     record = Recorder()
     client = make_client(record=record)
     channel = client.subscribe("closed")
-    channel.on("error", record("channel error"))
+    channel.on("@error", record("channel error"))
     [error] = record.wait("error")
     assert isinstance(error, ReplyError)
     assert (error.code, error.channel) == ("forbidden", "closed")
     assert record.wait("channel error") == [error] and not channel.subscribed
     assert client.subscribe("closed") is channel
     assert record.wait("error", 2)[1].code == "forbidden"
+
+
+def test_application_events_named_like_the_clients_own_are_application_events(server, make_client):
+    """Broadcasts called "error" and "subscribed" reach "message" and their own handlers, never
+    "@error" or "@subscribed"; "message" never gets the client's own @subscribed."""
+    record = Recorder()
+    client = make_client(record=record)
+    name = unique()
+    channel = client.subscribe(name)
+    channel.on("message", record("all"))
+    channel.on("error", record("app error"))
+    channel.on("subscribed", record("app subscribed"))
+    channel.on("@error", record("own error"))
+    first = subscribed(client, name, record)  # its "@subscribed" handler records "subscribed"
+    assert publish(server, name, "error", {"code": "out_of_stock"}) == 1
+    assert publish(server, name, "subscribed", "to the newsletter") == 2
+    assert publish(server, name, "ev", "marker") == 3
+    record.wait("ev")
+    assert record.args("all") == [
+        Message(channel=name, event="error", data={"code": "out_of_stock"}, seq=1),
+        Message(channel=name, event="subscribed", data="to the newsletter", seq=2),
+        Message(channel=name, event="ev", data="marker", seq=3),
+    ]
+    assert record.args("app error") == record.args("all")[:1]
+    assert record.args("app subscribed") == record.args("all")[1:2]
+    assert record.args("subscribed") == [first]
+    assert record.args("own error") == record.args("error") == []
 
 
 def test_send_timeout_when_no_answer_comes(proxy, make_client):
@@ -429,6 +470,127 @@ def test_reconnect_after_server_restart_is_not_recovered(make_server, make_clien
         client.close()
     finally:
         proxy.close()
+
+
+# -- starting from a saved position ----------------------------------------
+
+
+def test_restarted_client_resumes_from_its_saved_position(server, make_client):
+    """A client that saved seq and epoch, then restarted, subscribes from them and gets
+    what it missed in order, once, then what follows; the same seq under another epoch replays nothing."""
+    name = unique()
+    record = Recorder()
+    before = make_client()
+    first = subscribed(before, name, record)
+    publish(server, name, "ev", 1)
+    publish(server, name, "ev", 2)
+    record.wait("ev", 2)
+    channel = before.subscribe(name)
+    saved = {"since": channel.seq, "epoch": channel.epoch}
+    assert saved == {"since": 2, "epoch": first.epoch}
+    before.close()
+    assert [publish(server, name, "ev", n) for n in (3, 4)] == [3, 4]
+
+    again = Recorder()
+    after = make_client()
+    resumed = after.subscribe(name, **saved)
+    resumed.on("ev", again("ev"))
+    resumed.on("@subscribed", again("subscribed"))
+    assert again.wait("subscribed") == [Subscribed(recovered=True, seq=4, epoch=first.epoch)]
+    publish(server, name, "ev", 5)
+    again.wait("ev", 3)
+    assert [(m.seq, m.data) for m in again.args("ev")] == [(3, 3), (4, 4), (5, 5)]
+    assert resumed.seq == 5
+
+    other = Recorder()
+    stale = make_client().subscribe(name, since=2, epoch="another epoch")
+    stale.on("ev", other("ev"))
+    stale.on("@subscribed", other("subscribed"))
+    assert other.wait("subscribed") == [Subscribed(recovered=False, seq=5, epoch=first.epoch)]
+    publish(server, name, "ev", 6)
+    assert [m.seq for m in other.wait("ev")] == [6]
+
+
+class ScriptedServer:
+    """A protocol server on loopback whose every frame the test writes.
+
+    ``script(ws, number)`` runs for each connection (``number`` from 1),
+    with a ``websockets`` server connection already past ``@connected``;
+    every frame clients sent is put on :attr:`received` as ``(number, frame)``.
+    """
+
+    def __init__(self, script) -> None:
+        from websockets.sync.server import serve
+
+        self.received: queue.Queue = queue.Queue()
+        self._script = script
+        self._count = itertools.count(1)
+        self._server = serve(self._serve, "127.0.0.1", 0)
+        self.ws_url = f"ws://127.0.0.1:{self._server.socket.getsockname()[1]}/ops"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def _serve(self, ws) -> None:
+        number = next(self._count)
+        ws.send(json.dumps({"event": "@connected", "data": {"id": f"c{number}", "protocol": 1}}))
+        self._script(ws, number)
+
+    def next_frame(self, timeout: float = 10.0) -> tuple[int, dict]:
+        return self.received.get(timeout=timeout)
+
+    def read(self, ws, number: int) -> dict:
+        """The next frame the client sent on ``ws``, recorded."""
+        frame = json.loads(ws.recv(timeout=10))
+        self.received.put((number, frame))
+        return frame
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._thread.join(5)
+
+
+def test_history_lost_under_a_subscription_moves_seq_and_epoch_on(make_client):
+    """An @subscribed without ref (recovered false, PROTOCOL.md section 6) reaches "@subscribed",
+    and the channel follows the new epoch: the next broadcast counts, and a resubscribe names it."""
+
+    def script(ws, number):
+        subscribe = fake.read(ws, number)
+        ref = subscribe["ref"]
+        if number == 1:
+            ws.send(json.dumps({"channel": "chat", "event": "@subscribed", "ref": ref,
+                                "data": {"recovered": False, "seq": 0, "epoch": "e1"}}))
+            ws.send(json.dumps({"channel": "chat", "event": "ev", "data": "old 1", "seq": 1}))
+            ws.send(json.dumps({"channel": "chat", "event": "@subscribed",
+                                "data": {"recovered": False, "seq": 0, "epoch": "e2"}}))
+            ws.send(json.dumps({"channel": "chat", "event": "ev", "data": "new 1", "seq": 1}))
+            ws.close(1011)
+        else:
+            ws.send(json.dumps({"channel": "chat", "event": "@subscribed", "ref": ref,
+                                "data": {"recovered": True, "seq": 1, "epoch": "e2"}}))
+            with contextlib.suppress(ConnectionClosed):
+                ws.recv(timeout=10)  # until the client closes
+
+    fake = ScriptedServer(script)
+    try:
+        record = Recorder()
+        client = make_client(fake.ws_url, ticket_url=None, record=record)
+        chat = client.subscribe("chat")
+        chat.on("@subscribed", record("subscribed"))
+        chat.on("message", record("all"))
+        assert fake.next_frame() == (1, {"channel": "chat", "event": "@subscribe", "ref": 1})
+        number, again = fake.next_frame()
+        assert (number, again["data"]) == (2, {"since": 1, "epoch": "e2"})
+        record.wait("subscribed", 3)
+        assert record.args("subscribed") == [
+            Subscribed(recovered=False, seq=0, epoch="e1"),
+            Subscribed(recovered=False, seq=0, epoch="e2"),
+            Subscribed(recovered=True, seq=1, epoch="e2"),
+        ]
+        assert [(m.event, m.data, m.seq) for m in record.args("all")] == [("ev", "old 1", 1), ("ev", "new 1", 1)]
+        assert record.args("disconnect") == [1011] and (chat.seq, chat.epoch) == (1, "e2")
+        client.close()
+    finally:
+        fake.close()
 
 
 def test_ping_detects_a_dead_connection(proxy, make_client):
@@ -669,7 +831,7 @@ def test_session_cookies_carry_over_to_tickets(server, make_client):
     http.post(server.url + "/login", data={"user": "alice"}, timeout=5).raise_for_status()
     record = Recorder()
     client = make_client(session=http, record=record)
-    client.subscribe("user:alice").on("subscribed", record("subscribed"))
+    client.subscribe("user:alice").on("@subscribed", record("subscribed"))
     client.subscribe("user:bob")
     record.wait("subscribed")
     [error] = record.wait("error")
@@ -798,13 +960,79 @@ def test_failing_handler_is_logged_and_reading_goes_on(server, make_client, capl
 
     channel.on("ev", explode)
     channel.on("ev", record("ev"))
-    channel.on("subscribed", record("subscribed"))
+    channel.on("@subscribed", record("subscribed"))
     record.wait("subscribed")
     publish(server, name, "ev", 1)
     publish(server, name, "ev", 2)
     assert [m.data for m in record.wait("ev", 2)] == [1, 2]
     failures = [r for r in caplog.records if r.name == "flask_robe_sockets.client" and r.exc_info]
     assert len(failures) == 2 and "handler bug" in str(failures[0].exc_info[1])
+
+
+def test_handlers_may_take_fewer_arguments_than_the_client_passes(server, proxy, make_client, monkeypatch):
+    """Handlers written with fewer arguments (lambda: ...) are called with the first ones, as JS
+    functions are; each handler's signature is read once, when it is registered, not per call."""
+    read = inspect.signature
+    calls = []
+    monkeypatch.setattr(inspect, "signature", lambda handler: calls.append(handler) or read(handler))
+    record = Recorder()
+
+    class Seen:
+        def message(self, message):
+            record("method")(message.seq)
+
+    class Unreadable:
+        """A handler whose signature cannot be read (as some builtins'): it gets every argument."""
+
+        __signature__ = "not a signature"
+
+        def __call__(self, *args):
+            record("unreadable")(*args)
+
+    client = make_client(proxy.ws_url)
+    client.on("connect", lambda: record("connect")())
+    client.on("disconnect", lambda: record("disconnect")())
+    client.on("disconnect", lambda code, extra="default": record("disconnect with default")(code, extra))
+    name = unique()
+    channel = client.subscribe(name)
+    channel.on("@subscribed", lambda: record("subscribed")())
+    channel.on("ev", lambda: record("ev")())
+    channel.on("ev", Seen().message)
+    channel.on("ev", Unreadable())
+    record.wait("subscribed")
+    for n in (1, 2, 3):
+        publish(server, name, "ev", n)
+    record.wait("method", 3)
+    proxy.drop()
+    record.wait("disconnect")
+    record.wait("connect", 2)
+    assert record.args("ev") == [()] * 3 and record.args("method") == [1, 2, 3]
+    assert [m.seq for m in record.args("unreadable")] == [1, 2, 3]
+    assert record.args("disconnect with default") == [(1006, "default")]
+    assert len(calls) == 7  # once per registration, however many events came since
+
+
+def test_a_type_error_inside_a_handler_is_its_own_failure(server, make_client, caplog):
+    """A handler that raises TypeError itself is logged once, not called again with fewer arguments."""
+    caplog.set_level(logging.ERROR, logger="flask_robe_sockets.client")
+    record = Recorder()
+    client = make_client()
+    name = unique()
+    channel = client.subscribe(name)
+
+    def broken(message):
+        record("broken")(message.seq)
+        raise TypeError("broken() bug")
+
+    channel.on("ev", broken)
+    channel.on("ev", record("ev"))
+    channel.on("@subscribed", record("subscribed"))
+    record.wait("subscribed")
+    publish(server, name, "ev", 1)
+    record.wait("ev")
+    assert record.args("broken") == [1]
+    failures = [r for r in caplog.records if r.name == "flask_robe_sockets.client" and r.exc_info]
+    assert [str(r.exc_info[1]) for r in failures] == ["broken() bug"]
 
 
 def test_handler_may_send_and_wait(server, make_client):
@@ -815,7 +1043,7 @@ def test_handler_may_send_and_wait(server, make_client):
     channel = client.subscribe(name)
     chat = client.subscribe("chat")
     channel.on("ev", lambda message: record("reply")(chat.send("echo", message.data, timeout=5)))
-    channel.on("subscribed", record("subscribed"))
+    channel.on("@subscribed", record("subscribed"))
     record.wait("subscribed")
     publish(server, name, "ev", "ping")
     assert record.wait("reply") == [{"echo": "ping"}]
@@ -832,7 +1060,7 @@ def test_unsubscribe_stops_delivery(server, make_client):
     # The server handles frames in order: once the barrier is subscribed,
     # the unsubscribe is done, and broadcasts reach us in publish order.
     client.subscribe(barrier).on("ev", record("barrier"))
-    client.subscribe(barrier).on("subscribed", record("barrier subscribed"))
+    client.subscribe(barrier).on("@subscribed", record("barrier subscribed"))
     record.wait("barrier subscribed")
     publish(server, name, "ev", "unwanted")
     publish(server, barrier, "ev", "marker")
@@ -851,7 +1079,7 @@ def test_unsubscribe_drops_messages_already_read(server, make_client):
     holding = client.subscribe(busy)
     holding.on("ev", lambda message: release.wait(10))  # holds the handler thread
     holding.on("ev", record("busy"))
-    holding.on("subscribed", record("busy subscribed"))
+    holding.on("@subscribed", record("busy subscribed"))
     record.wait("busy subscribed")
     publish(server, busy, "ev", "hold")
     seq = publish(server, name, "ev", "late")

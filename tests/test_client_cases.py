@@ -25,6 +25,7 @@ from flask_robe_sockets.clientstate import (
     Send,
     Settle,
     Subscribed,
+    is_channel_event,
     retry_after_seconds,
 )
 
@@ -33,7 +34,14 @@ from .servers import ROOT
 CASES = json.loads((ROOT / "tests" / "client_cases.json").read_text())
 
 # The Python client raises ValueError where the browser's error has a code.
-RAISES = {"bad_channel": ValueError, "bad_event": ValueError, "queue_full": QueueFull, "closed": ClientClosed}
+RAISES = {
+    "bad_channel": ValueError,
+    "bad_event": ValueError,
+    "bad_position": ValueError,
+    "already_subscribed": ValueError,
+    "queue_full": QueueFull,
+    "closed": ClientClosed,
+}
 
 
 class Clock:
@@ -85,7 +93,7 @@ def make_state(session: dict[str, Any], clock: Clock) -> ClientState:
 def run(state: ClientState, step: dict[str, Any], requests: dict[str, object]) -> list[Any]:
     do = step["do"]
     if do == "subscribe":
-        return state.subscribe(step["channel"])[1]
+        return state.subscribe(step["channel"], **step.get("position", {}))[1]
     if do == "unsubscribe":
         return state.unsubscribe(step["channel"])
     if do == "send":
@@ -145,6 +153,18 @@ def test_invalid_channel_name(name):
     """A channel name the shared cases refuse fails in the caller."""
     with pytest.raises(ValueError, match="invalid channel name"):
         ClientState().subscribe(name)
+
+
+@pytest.mark.parametrize("name", CASES["handler_names"]["valid"])
+def test_valid_handler_name(name):
+    """A channel handler name the shared cases allow may be registered."""
+    assert is_channel_event(name)
+
+
+@pytest.mark.parametrize("name", CASES["handler_names"]["invalid"])
+def test_invalid_handler_name(name):
+    """A channel handler name the shared cases refuse may not."""
+    assert not is_channel_event(name)
 
 
 @pytest.mark.parametrize("name", CASES["event_names"]["valid"])

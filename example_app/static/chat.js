@@ -79,8 +79,9 @@ client.on("error", (error) => {
 
 const channel = client.subscribe(`room:${room}`);
 let subscriptions = 0;
+// "message" is every event of the channel, as in Robe: this room broadcasts only messages.
 channel.on("message", (message) => show(message.data));
-channel.on("subscribed", async ({ recovered }) => {
+channel.on("@subscribed", async ({ recovered }) => {
   subscriptions += 1;
   const again = subscriptions > 1;
   if (recovered) {

@@ -11,6 +11,7 @@ export declare class RobeSocketsError extends Error {
     | "handler_error" | "too_many_subscriptions" | "rate_limited"
     | "timeout" | "queue_full" | "disconnected" | "closed"
     | "ticket_failed" | "unauthorized" | "connect_failed"
+    | "bad_position" | "already_subscribed"
     | (string & {});
   readonly channel: string | null;
   /** On a refused ticket request: the ms its `Retry-After` asked to wait
@@ -23,6 +24,14 @@ export declare class RobeSocketsError extends Error {
 export declare function backoffDelay(
   attempt: number, initial?: number, max?: number, random?: () => number,
 ): number;
+
+/** The channel events that are the client's own: application event names
+ * cannot start with `@`, so they never collide with one. */
+export declare const CHANNEL_EVENTS: readonly ["@subscribed", "@unsubscribed", "@error"];
+
+/** Whether a channel handler may be registered for `name`: an application
+ * event name (`"message"` for all of them) or one of `CHANNEL_EVENTS`. */
+export declare function isChannelEvent(name: unknown): boolean;
 
 /** The ms of a `Retry-After` header in seconds; 0 when absent or not a
  * number of seconds (an HTTP-date included). */
@@ -70,8 +79,8 @@ export declare class ClientState<C extends ChannelState = ChannelState, R = unkn
   /** Sends waiting for a connection. */
   readonly queued: number;
   holds(channel: C): boolean;
-  /** Throws `bad_channel`. */
-  subscribe(name: string): [C, Action<R>[]];
+  /** Throws `bad_channel`, `bad_position`, `already_subscribed` or `closed`. */
+  subscribe(name: string, position?: Position): [C, Action<R>[]];
   unsubscribe(name: string): Action<R>[];
   /** Throws `closed`, `bad_event` or `queue_full`. */
   send(channel: string, event: string, data: unknown, request: R): Action<R>[];
@@ -103,6 +112,13 @@ export interface Subscribed {
   recovered: boolean;
   seq: number;
   epoch: string;
+}
+
+/** Where a subscription starts: a channel's `seq` and `epoch`, saved by the
+ * application (both or neither). */
+export interface Position {
+  since?: number | null;
+  epoch?: string | null;
 }
 
 export interface SendOptions {
@@ -144,14 +160,20 @@ interface Emitter<Events> {
 }
 
 export interface ChannelEvents {
-  /** Every application event on the channel. */
+  /** Every application event of the channel, whatever its name, as in Robe
+   * (`message.event` says which); never the client's own `@` events. */
   message: Message;
-  subscribed: Subscribed;
+  /** After each `@subscribed`, and when the server says the channel's
+   * history was lost (`recovered: false`): reload your state then. */
+  "@subscribed": Subscribed;
   /** The subscription was refused (e.g. `forbidden`); the client's
    * `error` event hears it too. */
-  error: RobeSocketsError;
-  /** Any other name: only the application events of that name. */
-  [event: string]: Message | Subscribed | RobeSocketsError;
+  "@error": RobeSocketsError;
+  /** The name kept for the server ending the subscription. */
+  "@unsubscribed": { reason: string };
+  /** Any other name: only the application events of that name (`error`
+   * and `subscribed` included: those are application events). */
+  [event: string]: Message | Subscribed | RobeSocketsError | { reason: string };
 }
 
 export declare class Channel implements Emitter<ChannelEvents> {
@@ -162,6 +184,7 @@ export declare class Channel implements Emitter<ChannelEvents> {
   readonly seq: number | null;
   readonly epoch: string | null;
   readonly subscribed: boolean;
+  /** Throws `bad_event` for a name starting with `@` other than the client's own. */
   on<K extends keyof ChannelEvents>(event: K, fn: (value: ChannelEvents[K]) => void): () => void;
   off<K extends keyof ChannelEvents>(event: K, fn: (value: ChannelEvents[K]) => void): void;
   /** Resolves with the `@reply` data; rejects with a `RobeSocketsError`. */
@@ -183,8 +206,11 @@ export declare class Client implements Emitter<ClientEvents> {
   readonly connected: boolean;
   on<K extends keyof ClientEvents>(event: K, fn: (value: ClientEvents[K]) => void): () => void;
   off<K extends keyof ClientEvents>(event: K, fn: (value: ClientEvents[K]) => void): void;
-  /** The same `Channel` for the same name; may be called before connecting. */
-  subscribe(name: string): Channel;
+  /** The same `Channel` for the same name; may be called before connecting.
+   * With a saved `{since, epoch}` it starts from there, and what came after
+   * is replayed as on a reconnect. Throws `bad_channel`, `bad_position`,
+   * `already_subscribed` or `closed`. */
+  subscribe(name: string, position?: Position): Channel;
   unsubscribe(name: string): void;
   /** Close for good: one `disconnect` if connected, no reconnect. */
   close(): void;

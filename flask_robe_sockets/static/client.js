@@ -63,6 +63,45 @@ export function backoffDelay(attempt, initial = DEFAULTS.reconnectDelay,
  * that closes every connection right after `@connected` is not hammered. */
 const STABLE_AFTER = 10000;
 
+/** The channel events that are the client's own, named as the protocol
+ * names them: application event names cannot start with `@`, so an app
+ * that broadcasts an event called `error` never reaches these handlers. */
+export const CHANNEL_EVENTS = Object.freeze(["@subscribed", "@unsubscribed", "@error"]);
+
+/** The channel handler name that gets every application event of the
+ * channel, whatever its name, as in Robe (never the client's own events). */
+const EVERY_EVENT = "message";
+
+const isEventName = (name) => typeof name === "string" && name.length > 0 && name.length <= 64 && !name.startsWith("@");
+
+/** Whether a channel handler may be registered for `name`: an application
+ * event name (`"message"` for all of them) or one of `CHANNEL_EVENTS`. */
+export function isChannelEvent(name) {
+  return CHANNEL_EVENTS.includes(name) || isEventName(name);
+}
+
+/** A saved position `{since, epoch}`, checked: null when neither is given.
+ * Both or neither: a seq means nothing without its epoch (the same seq in
+ * two epochs is two different messages). */
+function position(since, epoch) {
+  if (since == null && epoch == null) return null;
+  if (since == null || epoch == null) {
+    throw new RobeSocketsError("bad_position",
+      "since and epoch go together: pass both (a channel's seq and epoch) or neither");
+  }
+  if (!Number.isSafeInteger(since) || since < 0) {
+    throw new RobeSocketsError("bad_position", `since must be a seq, an integer from 0, got ${JSON.stringify(since)}`);
+  }
+  if (typeof epoch !== "string" || !epoch) {
+    throw new RobeSocketsError("bad_position",
+      `epoch must be the epoch a @subscribed named, a string, got ${JSON.stringify(epoch)}`);
+  }
+  return { since, epoch };
+}
+
+/** Whether the channel's `@subscribe` went out on this connection. */
+const started = (channel) => channel.subscribed || channel.subscribeRef !== null;
+
 // Subscribe refusals that may pass on the next connect; any other refusal
 // holds until the application subscribes again.
 const RETRIED_REFUSALS = new Set(["rate_limited"]);
@@ -157,16 +196,37 @@ export class ClientState {
   // -- what the application does -----------------------------------------
 
   /** `[channel, actions]`: the channel `name`, wanted from now on, and its
-   * `@subscribe` if connected. */
-  subscribe(name) {
+   * `@subscribe` if connected.
+   *
+   * `since` and `epoch` (both or neither) are a position the application
+   * saved, a channel's `seq` and `epoch`: the `@subscribe` starts from it,
+   * so the server replays what came after, as on a reconnect. A channel
+   * whose `@subscribe` has gone out already keeps its own position. Throws
+   * `bad_channel`, `bad_position`, or `already_subscribed` for a position
+   * other than its own on a channel subscribed or on its way. */
+  subscribe(name, { since = null, epoch = null } = {}) {
     if (typeof name !== "string" || !CHANNEL_NAME.test(name)) {
       throw new RobeSocketsError("bad_channel",
         `invalid channel name ${JSON.stringify(name)}: 1 to 128 characters from A-Z a-z 0-9 _ - . : /`);
     }
+    let from = position(since, epoch);
+    if (this.closed) throw new RobeSocketsError("closed", "the client is closed", name);
     let channel = this.channels.get(name);
+    if (from && channel && started(channel)) {
+      if (channel.seq !== from.since || channel.epoch !== from.epoch) {
+        throw new RobeSocketsError("already_subscribed",
+          `already subscribed to ${JSON.stringify(name)} (at seq ${channel.seq} of epoch ${JSON.stringify(channel.epoch)}): `
+          + "a saved position only starts a subscription; pass it to the first subscribe()", name);
+      }
+      from = null;  // where the channel is already
+    }
     if (!channel) {
       channel = this.#newChannel(name);
       this.channels.set(name, channel);
+    }
+    if (from) {
+      channel.seq = from.since;
+      channel.epoch = from.epoch;
     }
     channel.wanted = true;
     return [channel, this.connected && !channel.subscribed ? this.#subscribe(channel) : []];
@@ -185,7 +245,7 @@ export class ClientState {
    * Throws a `RobeSocketsError` (`closed`, `bad_event`, `queue_full`). */
   send(channel, event, data, request) {
     if (this.closed) throw new RobeSocketsError("closed", "the client was closed", channel);
-    if (typeof event !== "string" || !event || event.length > 64 || event.startsWith("@")) {
+    if (!isEventName(event)) {
       throw new RobeSocketsError("bad_event",
         `invalid event name ${JSON.stringify(event)}: 1 to 64 characters, not starting with '@'`, channel);
     }
@@ -269,14 +329,15 @@ export class ClientState {
       case "@error":
         return this.#onError(new RobeSocketsError(data?.code ?? "error", data?.message ?? "", channel), ref);
       case "@subscribed": {
+        if (ref === null) return this.#onHistoryLost(channel, data);
         const target = this.#answeredSubscribe(channel, ref);
         return target ? this.#onSubscribed(target, data) : [];
       }
-      case "@pong":
-      case "@unsubscribed":
-        return [];
       default:
-        return this.#onMessage({ channel, event, data, seq });
+        // @pong (reading it was the point), the answer to our own
+        // @unsubscribe, or a protocol event this client does not know (e.g.
+        // a newer server's): never an application event.
+        return isEventName(event) ? this.#onMessage({ channel, event, data, seq }) : [];
     }
   }
 
@@ -414,7 +475,7 @@ export class ClientState {
       // Refused for good, until subscribe() asks again; but a subscribe that
       // was only rate limited is tried again on the next connect.
       refused.wanted = RETRIED_REFUSALS.has(error.code);
-      actions.push(emit(refused, ["error"], error));
+      actions.push(emit(refused, ["@error"], error));
     }
     actions.push(emit(null, ["error"], error));
     return actions;
@@ -426,14 +487,27 @@ export class ClientState {
     // Without recovery nothing is replayed: the next broadcast follows `seq`.
     // With it, the replay that follows moves `seq` on by itself.
     if (!data.recovered) channel.seq = data.seq;
-    return [emit(channel, ["subscribed"], { recovered: data.recovered, seq: data.seq, epoch: data.epoch })];
+    return [emit(channel, ["@subscribed"], { recovered: data.recovered, seq: data.seq, epoch: data.epoch })];
+  }
+
+  /** An `@subscribed` without `ref`: the channel's history was lost under a
+   * subscription (PROTOCOL.md section 6). Its new epoch and the seq the next
+   * broadcast follows replace the channel's, and the application hears it,
+   * so that it reloads that channel's state. */
+  #onHistoryLost(name, data) {
+    const channel = name === null ? undefined : this.channels.get(name);
+    // A channel left or not asked for; or nothing was lost.
+    if (!channel || !started(channel) || data.recovered) return [];
+    channel.seq = data.seq;
+    channel.epoch = data.epoch;
+    return [emit(channel, ["@subscribed"], { recovered: false, seq: data.seq, epoch: data.epoch })];
   }
 
   #onMessage(message) {
     const channel = message.channel === null ? undefined : this.channels.get(message.channel);
     if (channel) {
       if (message.seq !== null) channel.seq = message.seq;
-      return [emit(channel, message.event === "message" ? ["message"] : ["message", message.event], message)];
+      return [emit(channel, message.event === EVERY_EVENT ? [EVERY_EVENT] : [EVERY_EVENT, message.event], message)];
     }
     // A broadcast for a channel just left is dropped; a message to this
     // connection alone goes to the client's own handlers.
@@ -478,16 +552,30 @@ const emitting = (Base) => class extends Base {
 /**
  * A channel of a client, as `client.subscribe(name)` returns it.
  *
- * Events: `"message"` (every application event on the channel),
- * `"<event name>"` (only that event), `"subscribed"` (`{recovered, seq,
- * epoch}` after each (re)subscription: reload the state you show when
- * `recovered` is false), `"error"` (the subscription was refused; the
- * client's own `"error"` hears it too).
+ * Events: `"message"` (every application event of the channel, whatever
+ * its name, as in Robe; never the client's own events), `"<event name>"`
+ * (only the application events of that name), `"@subscribed"`
+ * (`{recovered, seq, epoch}` after each `@subscribed`, the server's own
+ * included when the channel's history was lost: reload the state you show
+ * when `recovered` is false), `"@error"` (the subscription was refused; the
+ * client's own `"error"` hears it too). The client's own events start with
+ * `@`, as application event names cannot.
  */
 export class Channel extends emitting(ChannelState) {
   constructor(client, name) {
     super(name);
     this.client = client;
+  }
+
+  /** Call `fn` on `event`; returns a function that removes it again.
+   * Throws `bad_event` for a name that is neither an application event's
+   * nor one of `CHANNEL_EVENTS`. */
+  on(event, fn) {
+    if (!isChannelEvent(event)) {
+      throw new RobeSocketsError("bad_event", `invalid event name ${JSON.stringify(event)}: 1 to 64 characters, `
+        + `not starting with '@', or one of ${CHANNEL_EVENTS.join(", ")}`, this.name);
+    }
+    return super.on(event, fn);
   }
 
   /**
@@ -579,9 +667,12 @@ export class Client extends emitting(Object) {
   }
 
   /** The channel `name` (the same object for the same name), subscribed
-   * now or as soon as the socket is open, and again after every reconnect. */
-  subscribe(name) {
-    const [channel, actions] = this.#state.subscribe(name);
+   * now or as soon as the socket is open, and again after every reconnect.
+   * `{since, epoch}`, a channel's `seq` and `epoch` saved earlier (by a
+   * page that reloaded), start it from there: the server replays what came
+   * after, as on a reconnect. */
+  subscribe(name, position = {}) {
+    const [channel, actions] = this.#state.subscribe(name, position);
     this.#perform(actions);
     return channel;
   }

@@ -6,7 +6,9 @@ import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 import { test } from "node:test";
 
-import { ClientState, RobeSocketsError, retryAfterMs } from "../../flask_robe_sockets/static/client.js";
+import {
+  ClientState, isChannelEvent, RobeSocketsError, retryAfterMs,
+} from "../../flask_robe_sockets/static/client.js";
 
 const CASES = JSON.parse(readFileSync(new URL("../client_cases.json", import.meta.url), "utf8"));
 
@@ -59,7 +61,7 @@ function written(action, labels) {
 function run(state, step, requests) {
   switch (step.do) {
     case "subscribe":
-      return state.subscribe(step.channel)[1];
+      return state.subscribe(step.channel, step.position)[1];
     case "unsubscribe":
       return state.unsubscribe(step.channel);
     case "send": {
@@ -129,6 +131,11 @@ test("shared case: channel names", () => {
   for (const name of CASES.channel_names.invalid) {
     assert.throws(() => new ClientState().subscribe(name), { code: "bad_channel" }, JSON.stringify(name));
   }
+});
+
+test("shared case: channel handler names", () => {
+  for (const name of CASES.handler_names.valid) assert.equal(isChannelEvent(name), true, JSON.stringify(name));
+  for (const name of CASES.handler_names.invalid) assert.equal(isChannelEvent(name), false, JSON.stringify(name));
 });
 
 test("shared case: event names", () => {

@@ -95,7 +95,7 @@ test("every connect uses a fresh ticket and resubscribes with since and epoch", 
   client.on("connect", ({ id }) => events.push(`connect ${id}`));
   client.on("disconnect", ({ code }) => events.push(`disconnect ${code}`));
   const subscribed = [];
-  chat.on("subscribed", (info) => subscribed.push(info));
+  chat.on("@subscribed", (info) => subscribed.push(info));
   const messages = [];
   chat.on("message", (m) => messages.push(m));
 
@@ -210,7 +210,7 @@ test("a refused subscription reports forbidden and is not retried on reconnect",
   const client = makeClient();
   const secret = client.subscribe("user:alice");
   const refusals = [];
-  secret.on("error", (error) => refusals.push(error.code));
+  secret.on("@error", (error) => refusals.push(error.code));
   client.on("error", (error) => refusals.push(`client: ${error.code}`));
   const ws = await socketNumber(1);
   ws.accept();
@@ -381,7 +381,7 @@ test("a refusal for a channel left meanwhile does not reach its old object", asy
   client.on("error", () => {});
   const old = client.subscribe("user:alice");
   const refusals = [];
-  old.on("error", (error) => refusals.push(error.code));
+  old.on("@error", (error) => refusals.push(error.code));
   const ws = await socketNumber(1);
   ws.accept();
   client.unsubscribe("user:alice");
@@ -426,4 +426,65 @@ test("connections dropped right after @connected keep the backoff growing", asyn
   } finally {
     Math.random = random;
   }
+});
+
+test("the client's own channel events start with @; application events called error or subscribed are application events", async () => {
+  const client = makeClient();
+  client.on("error", () => {});
+  const chat = client.subscribe("chat");
+  const seen = [];
+  for (const name of ["message", "error", "subscribed", "@error", "@subscribed"]) {
+    chat.on(name, (value) => seen.push([name, value.event ?? value.recovered]));
+  }
+  assert.throws(() => chat.on("@reply", () => {}), { code: "bad_event" });
+  assert.throws(() => chat.on("@join", () => {}), { code: "bad_event" });
+  const ws = await socketNumber(1);
+  ws.accept();
+  ws.receive({ channel: "chat", event: "@subscribed", ref: ws.sent[0].ref, data: { recovered: false, seq: 0, epoch: "e1" } });
+  ws.receive({ channel: "chat", event: "error", data: { code: "out_of_stock" }, seq: 1 });
+  ws.receive({ channel: "chat", event: "subscribed", data: null, seq: 2 });
+  ws.receive({ channel: "chat", event: "@join", data: { id: "c2" } });
+  assert.deepEqual(seen, [
+    ["@subscribed", false],
+    ["message", "error"], ["error", "error"],
+    ["message", "subscribed"], ["subscribed", "subscribed"],
+  ]);
+});
+
+test("subscribe(name, {since, epoch}) starts from a saved position, checked", async () => {
+  const client = makeClient();
+  assert.throws(() => client.subscribe("chat", { since: 4 }), { code: "bad_position" });
+  assert.throws(() => client.subscribe("chat", { since: -1, epoch: "e1" }), { code: "bad_position" });
+  const chat = client.subscribe("chat", { since: 4, epoch: "e1" });
+  assert.deepEqual([chat.seq, chat.epoch], [4, "e1"]);
+  const got = [];
+  chat.on("message", (m) => got.push(m.seq));
+  chat.on("@subscribed", (info) => got.push(info));
+  const ws = await socketNumber(1);
+  ws.accept();
+  assert.deepEqual(ws.last("@subscribe").data, { since: 4, epoch: "e1" });
+  ws.receive({ channel: "chat", event: "@subscribed", ref: ws.last("@subscribe").ref, data: { recovered: true, seq: 6, epoch: "e1" } });
+  ws.receive({ channel: "chat", event: "said", data: 5, seq: 5 });
+  ws.receive({ channel: "chat", event: "said", data: 6, seq: 6 });
+  assert.deepEqual(got, [{ recovered: true, seq: 6, epoch: "e1" }, 5, 6]);
+  assert.throws(() => client.subscribe("chat", { since: 1, epoch: "e1" }), { code: "already_subscribed" });
+  assert.equal(client.subscribe("chat", { since: 6, epoch: "e1" }), chat);
+});
+
+test("an @subscribed without ref (history lost) fires @subscribed, and the resubscribe names the new epoch", async () => {
+  const client = makeClient();
+  const chat = client.subscribe("chat");
+  const subscribed = [];
+  chat.on("@subscribed", (info) => subscribed.push(info));
+  const first = await socketNumber(1);
+  first.accept();
+  first.receive({ channel: "chat", event: "@subscribed", ref: first.sent[0].ref, data: { recovered: false, seq: 3, epoch: "e1" } });
+  first.receive({ channel: "chat", event: "@subscribed", data: { recovered: false, seq: 0, epoch: "e2" } });
+  first.receive({ channel: "chat", event: "said", data: "new", seq: 1 });
+  assert.deepEqual(subscribed, [{ recovered: false, seq: 3, epoch: "e1" }, { recovered: false, seq: 0, epoch: "e2" }]);
+  assert.deepEqual([chat.seq, chat.epoch], [1, "e2"]);
+  first.drop(1011);
+  const second = await socketNumber(2);
+  second.accept();
+  assert.deepEqual(second.last("@subscribe").data, { since: 1, epoch: "e2" });
 });
