@@ -55,12 +55,16 @@ from __future__ import annotations
 import logging
 import random
 import secrets
+import socket
 import time
+from functools import partial
 from typing import Any
 
 import gevent
 import gevent.event
 import gevent.lock
+import gevent.socket
+from gevent import monkey
 import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
@@ -126,6 +130,26 @@ BACKOFF_START = 0.1
 BACKOFF_CAP = 5.0
 #: Channels per SUBSCRIBE command when re-subscribing after a reconnect.
 SUBSCRIBE_BATCH = 1000
+
+
+def _wait_readable(conn: Any, timeout: float) -> bool:
+    """``conn.can_read(timeout)``, waiting in gevent's loop on a socket gevent
+    did not patch.
+
+    In a process that runs without gevent's patching (tests with the
+    in-process test client), ``can_read`` would block the thread, and with
+    it the greenlets that wait for this listener (a join's barrier) would
+    never run: the listener waits for the socket through gevent's own poller
+    instead, so it reads whenever they wait, and only then.
+    """
+    if conn.can_read(timeout=0):
+        return True
+    try:
+        # redis-py's own socket: no public way to wait for it.
+        gevent.socket.wait_read(conn._sock.fileno(), timeout)
+    except socket.timeout:
+        return False
+    return conn.can_read(timeout=0)
 
 
 class _Subscription:
@@ -408,8 +432,9 @@ class RedisBackend(Backend):
         passed: list[bytes] = []
         waiting = {self._prefix.encode() + c.encode() for c in self._subscriptions}
         pinged = False
+        readable = conn.can_read if monkey.is_module_patched("socket") else partial(_wait_readable, conn)
         while True:
-            if not conn.can_read(timeout=KEEPALIVE):
+            if not readable(timeout=KEEPALIVE):
                 if pinged:
                     raise redis.ConnectionError(f"no answer to PING within {KEEPALIVE}s")
                 with self._write_lock:
