@@ -14,6 +14,7 @@ from .errors import (
     Forbidden,
     ProtocolError,
     PublishError,
+    Refused,
     RobeSocketsError,
     TicketError,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "ProtocolError",
     "PublishError",
     "Publisher",
+    "Refused",
     "RobeSockets",
     "RobeSocketsError",
     "TicketError",

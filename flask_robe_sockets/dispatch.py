@@ -18,7 +18,7 @@ from . import protocol
 from .backends import Backend
 from .channels import Hub
 from .config import Settings
-from .errors import BackendUnavailable, ConfigurationError, Forbidden, ProtocolError
+from .errors import BackendUnavailable, ConfigurationError, Forbidden, ProtocolError, Refused, application_code_problem
 from .frames import ws_frame
 from .message import Message
 
@@ -66,7 +66,8 @@ class Router:
     def authorized(self, conn: "Connection", channel: str) -> bool:
         """What the authorize hook says of ``conn`` on ``channel`` (yes without one).
 
-        :raises Forbidden: the hook refused, with a message of its own.
+        :raises Refused: the hook refused with a code and message of its own
+            (``Forbidden`` for ``forbidden``).
         """
         return True if self._authorize is None else bool(self._authorize(conn, channel))
 
@@ -128,23 +129,22 @@ class Dispatcher:
     def subscribe(self, session: "Session", frame: protocol.Frame) -> None:
         channel, ref = frame.channel, frame.ref
         since, epoch = _since(frame.data)
+        code, reason = "forbidden", f"not allowed on channel {channel!r}"
         try:
             allowed = self._authorized(session, channel)
-        except Forbidden as exc:
+        except Refused as exc:
             allowed = False
-            reason = exc.message
+            code, reason = _refusal(exc, "the authorize hook", channel)
         except Exception:
             log.exception("authorize hook failed for %s on %r", session.owner, channel)
             session.answer_error("handler_error", "the server could not authorize this", ref, channel)
             return
-        else:
-            reason = f"not allowed on channel {channel!r}"
         if not session.open:
             # Closed while the hook ran (it may wait on a database): joining
             # now would leave a member behind that nobody removes.
             return
         if not allowed:
-            session.answer_error("forbidden", reason, ref, channel)
+            session.answer_error(code, reason, ref, channel)
             return
         hub = self.hub
         rejoin = hub.has(session, channel)
@@ -201,8 +201,8 @@ class Dispatcher:
                         result = value
             # Encoded inside the try: a handler may have returned non-JSON.
             reply = protocol.encode(protocol.REPLY, result, channel, ref) if ref is not None else None
-        except Forbidden as exc:
-            session.answer_error("forbidden", exc.message, ref, channel)
+        except Refused as exc:
+            session.answer_error(*_refusal(exc, f"a handler of {frame.event!r}", channel), ref, channel)
             return
         except Exception:
             log.exception("handler for %r on %r failed", frame.event, channel)
@@ -210,6 +210,20 @@ class Dispatcher:
             return
         if reply is not None:
             session.push(ws_frame(reply))
+
+
+def _refusal(exc: Refused, who: str, channel: str) -> tuple[str, str]:
+    """The code and message an application's refusal is answered with.
+
+    ``Refused`` checks its code when it is made; one changed afterwards (or
+    a subclass that skipped the check) could pass for the protocol's own
+    answer, so it is logged and answered ``handler_error`` instead.
+    """
+    problem = application_code_problem(exc.code)
+    if problem is not None:
+        log.error("%s on %r refused with an unusable code: %s; answered handler_error", who, channel, problem)
+        return "handler_error", "the handler failed"
+    return exc.code, str(exc.message)
 
 
 def _since(data: Any) -> tuple[int | None, str | None]:
