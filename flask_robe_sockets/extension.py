@@ -13,6 +13,7 @@ from .channels import Channel
 from .connection import Connection
 from .dispatch import Router
 from .server import SocketServer
+from .testing import SocketTestClient
 
 log = logging.getLogger("flask_robe_sockets")
 
@@ -146,6 +147,40 @@ class RobeSockets:
     def connections_of(self, identity: Any) -> list[Connection]:
         """This worker's open connections whose ticket named ``identity``."""
         return [conn for conn in self._server().connections if conn.identity == identity]
+
+    # -- testing ---------------------------------------------------------
+
+    def test_client(self, app: Flask, identity: Any = None, flask_client: Any = None) -> SocketTestClient:
+        """A client connection to ``app`` run in the test's own process and
+        thread: no server, no port, no gevent.
+
+        ::
+
+            with sockets.test_client(app, identity="alice") as alice:
+                alice.subscribe("chat")
+                alice.send("chat", "message", {"text": "hi"})   # the @reply data
+                alice.received("chat")                          # what came since
+
+        It makes the same ticket checks, connection limits, authorize hook,
+        handlers, connect and disconnect hooks, frame checks and rate limits
+        as a socket, each call to the end before it returns.
+
+        :param identity: the identity its ticket names, issued as the ticket
+            endpoint would (``None``: an anonymous ticket, refused
+            ``unauthorized`` when the app has an identity loader).
+        :param flask_client: an ``app.test_client()`` (signed in, say) whose
+            cookies ask ``POST {path}/ticket`` for the ticket, instead of
+            ``identity``.
+        :raises ConnectError: the ticket or the handshake was refused, with
+            the refusal's ``code`` (``unauthorized``, ``ticket_invalid``,
+            ``identity_limit``, ...).
+        """
+        server = app.extensions.get("robe_sockets")
+        if server is None or server.router is not self.router:
+            raise RuntimeError("this RobeSockets is not initialised on that app: call init_app(app) first")
+        if identity is not None and flask_client is not None:
+            raise TypeError("pass identity or flask_client, not both: the ticket names one identity")
+        return SocketTestClient(server, identity, flask_client)
 
     # -- HTTP endpoints --------------------------------------------------
 

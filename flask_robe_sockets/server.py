@@ -25,6 +25,7 @@ from .connection import Connection
 from .dispatch import Dispatcher, Router
 from .handshake import Slots
 from .session import Session
+from .websocket import under_gevent
 from .tickets import TicketRateLimit, TicketSigner
 
 log = logging.getLogger("flask_robe_sockets")
@@ -117,6 +118,11 @@ class SocketServer:
         if self._shutdown_hooked_pid == pid:
             return
         self._shutdown_hooked_pid = pid
+        if not under_gevent():
+            # No gevent worker (a test process with the in-process test
+            # client, ``flask run``): nothing to chain to, and taking SIGTERM
+            # would keep it from stopping the process.
+            return
         try:
             previous = signal.getsignal(signal.SIGTERM)
         except ValueError:  # not the main thread: nothing to chain to

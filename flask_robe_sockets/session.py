@@ -382,12 +382,46 @@ class Session:
             if self._closing and not queue:
                 return
 
-    def _shutdown(self, close_timeout: float) -> None:
+    # -- a transport that is not a socket: the test client's ------------
+
+    def begin(self, transport: Any) -> None:
+        """Open over ``transport``, which is not a socket of ours (the test
+        client's, in the same process): what ``serve`` does once upgraded.
+
+        ``transport`` has what the session uses of a :class:`ServerSocket`:
+        ``frames`` (its :class:`~flask_robe_sockets.frames.FrameReader`,
+        bound to this session) and ``send_now(data) -> int``. Nothing writes
+        by itself: its owner calls :meth:`flush` to take what is queued, and
+        :meth:`end` once it is done.
+        """
+        self.attach(transport)
+        log.info("connection %s opened: identity=%r ip=%s", self.id, self.identity, self.remote_addr)
+        self._events.opened(self)
+
+    def end(self) -> None:
+        """The transport of a session opened with :meth:`begin` is done: no
+        more deliveries (if that was not so yet), then the ``closed`` event,
+        as when a socket ends."""
+        self._reader_done.set()
+        self._stop_delivering()
+        self._report_closed()
+
+    def _stop_delivering(self) -> None:
         if self._close_code is None:  # the write failed: the network is gone
             self._close_code, self._closed_by = 1006, "network"
         if not self._closing:
             self._closing = True
             self._events.closing(self)
+
+    def _report_closed(self) -> None:
+        log.info(
+            "connection %s closed after %.1fs: code %s by the %s",
+            self.id, time.monotonic() - self._opened, self._close_code, self._closed_by or "server",
+        )
+        self._events.closed(self)
+
+    def _shutdown(self, close_timeout: float) -> None:
+        self._stop_delivering()
         transport = self._socket
         if not self._reader_done.is_set() and transport.connected:
             if transport.draining:
@@ -399,8 +433,4 @@ class Session:
             # Give the client the chance to answer our close frame.
             self._reader_done.wait(close_timeout)
         transport.close_socket()
-        log.info(
-            "connection %s closed after %.1fs: code %s by the %s",
-            self.id, time.monotonic() - self._opened, self._close_code, self._closed_by or "server",
-        )
-        self._events.closed(self)
+        self._report_closed()
