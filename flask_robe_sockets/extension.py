@@ -7,6 +7,7 @@ import os
 from typing import Any, Callable, TypeVar
 
 from flask import Flask, Response, current_app, jsonify, request, send_from_directory
+from flask.logging import has_level_handler, wsgi_errors_stream
 
 from . import config, handshake
 from .channels import Channel
@@ -16,6 +17,14 @@ from .server import SocketServer
 from .testing import SocketTestClient
 
 log = logging.getLogger("flask_robe_sockets")
+
+#: Added to the ``flask_robe_sockets`` logger by ``init_app`` when nothing
+#: would handle its records (the app configured no logging), as Flask does
+#: for ``app.logger``: records go to ``wsgi.errors`` or stderr with their time
+#: and level. Configure logging before ``init_app`` to replace it, or remove
+#: it with ``logging.getLogger("flask_robe_sockets").removeHandler(default_handler)``.
+default_handler = logging.StreamHandler(wsgi_errors_stream)  # type: ignore[arg-type]
+default_handler.setFormatter(logging.Formatter("[%(asctime)s] %(levelname)s in %(name)s: %(message)s"))
 
 _STATIC = os.path.join(os.path.dirname(__file__), "static")
 
@@ -59,6 +68,8 @@ class RobeSockets:
         :raises ConfigurationError: a setting cannot work, naming the fix.
         """
         settings = config.load(app.config)
+        if not has_level_handler(log):
+            log.addHandler(default_handler)
         server = SocketServer(app, self.router, settings)
         app.extensions["robe_sockets"] = server
         self._servers.append(server)
