@@ -121,3 +121,48 @@ def test_byte_count_follows_partial_writes():
         conn.push(frame(n))
     conn.flush()
     assert conn.queued_bytes == sum(map(len, list(conn.queued))) == 15
+
+
+@pytest.fixture
+def on_gevent(monkeypatch):
+    """Sessions made now take the gevent worker's path (flusher rounds), whose
+    flusher greenlet these tests never let run: they flush by hand."""
+    monkeypatch.setattr("flask_robe_sockets.session.under_gevent", lambda: True)
+
+
+def test_a_client_that_keeps_up_is_not_counted_in_bytes(on_gevent):
+    """Under gevent a queue that every flush empties costs no byte count, and reports its bytes all the same."""
+    conn, sock = connection(queue_size=100, room=10_000, queue_bytes=1000)
+    for n in range(3):
+        conn.push(frame(n))
+    assert conn.queued_bytes == 30
+    conn.flush()
+    assert sock.written == frame(0) + frame(1) + frame(2) and conn.queued_bytes == 0
+
+
+def test_a_client_behind_is_bounded_in_bytes_from_its_first_short_write(on_gevent):
+    """The first flush that cannot write everything starts the byte count: past the budget, 4008."""
+    conn, sock = connection(queue_size=100, room=0, queue_bytes=1000)
+    big = frames.ws_frame(b"x" * 300)
+    for _ in range(3):
+        conn.push(big)
+    conn.flush()  # nothing taken: behind from now on
+    assert conn.open and conn.queued_bytes == 3 * len(big)
+    conn.push(big)
+    assert not conn.open
+    assert list(conn.queued) == [frames.close_frame(4008, "send queue overflow")]
+
+
+def test_a_client_that_catches_up_stops_being_counted(on_gevent):
+    """Once a flush writes everything again, pushes go back to the cheap path, and the bound starts afresh."""
+    conn, sock = connection(queue_size=100, room=0, queue_bytes=1000)
+    big = frames.ws_frame(b"x" * 300)
+    conn.push(big)
+    conn.flush()
+    assert conn.queued_bytes == len(big)
+    sock.room = 10_000
+    conn.flush()
+    assert sock.written == big and conn.queued_bytes == 0
+    for _ in range(3):
+        conn.push(big)
+    assert conn.open and conn.queued_bytes == 3 * len(big)
