@@ -1,5 +1,6 @@
-"""The example chat without a browser: pages, sign-in, the hooks and the job,
-and what it does against hostile visitors, against real gunicorn servers."""
+"""The example chat without a browser: pages, sign-in, the hooks and the job
+through the in-process test client, and what it does against hostile
+visitors, against real gunicorn servers."""
 from __future__ import annotations
 
 import json
@@ -17,11 +18,13 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from example_app import app, chat, create_app, realtime
+from example_app.extensions import sockets
 from example_app.security import UnsafeRedirect, same_site_path
 from flask_robe_sockets import Forbidden, Message
+from flask_robe_sockets.client import ConnectError, ReplyError
 from flask_robe_sockets.tickets import TicketSigner
 
-from .servers import BIN, Gunicorn, Process, free_port, wait_until
+from .servers import BIN, Gunicorn, Process, free_port
 
 APP = "example_app:app"
 CONFIG = "example_app/gunicorn.conf.py"
@@ -71,18 +74,6 @@ def http_sign_in(srv: Gunicorn, name: str, http: requests.Session | None = None,
 
 def ticket_of(srv: Gunicorn, http: requests.Session) -> requests.Response:
     return http.post(f"{srv.url}/ops/ticket", timeout=5)
-
-
-def subscribe(srv: Gunicorn, http: requests.Session, channel: str) -> dict:
-    """Open a socket with ``http``'s ticket and subscribe it to ``channel``: the ``@subscribed`` data."""
-    response = ticket_of(srv, http)
-    response.raise_for_status()
-    with connect(f"{srv.ws_url}?ticket={response.json()['ticket']}", open_timeout=5) as ws:
-        assert json.loads(ws.recv(timeout=5))["event"] == "@connected"
-        ws.send(json.dumps({"channel": channel, "event": "@subscribe", "ref": 1}))
-        answer = json.loads(ws.recv(timeout=5))
-    assert answer["event"] == "@subscribed", answer
-    return answer["data"]
 
 
 def forged_session(key: str, name: str) -> str:
@@ -187,48 +178,83 @@ def test_room_page_shows_history_as_text(client):
     assert client.get("/rooms/nowhere").status_code == 404
 
 
+@pytest.fixture
+def jobs_in_process(monkeypatch):
+    """The background job runs within the handler, so a test reads its broadcasts
+    as soon as the send returns (in memory it is a thread of its own)."""
+    monkeypatch.setattr(chat, "dispatch", chat.post_message)
+    monkeypatch.setattr(chat, "people", chat.MemoryPeople(100))
+
+
+def test_a_signed_in_browser_gets_a_socket(client):
+    """The ticket comes from the sign-in's session cookie; without one, none."""
+    with pytest.raises(ConnectError) as refused:
+        sockets.test_client(app, flask_client=client)
+    assert (refused.value.code, refused.value.status) == ("unauthorized", 401)
+    sign_in(client, "alice")
+    with sockets.test_client(app, flask_client=client) as alice:
+        assert alice.identity == "alice"
+
+
 def test_authorize_opens_rooms_and_only_ones_own_private_channel():
     """Known rooms are open to all; ``user:<name>`` only to that name."""
-    alice = SimpleNamespace(identity="alice")
-    assert realtime.may_use(alice, "room:lobby")
-    assert not realtime.may_use(alice, "room:secret")
-    assert realtime.may_use(alice, "user:alice")
-    assert not realtime.may_use(alice, "user:bob")
-    assert not realtime.may_use(alice, "chat")
+    with sockets.test_client(app, identity="alice") as alice:
+        for channel in ("room:lobby", "user:alice"):
+            assert alice.subscribe(channel)["recovered"] is False
+        for channel in ("room:secret", "user:bob", "chat"):
+            with pytest.raises(ReplyError) as refused:
+                alice.subscribe(channel)
+            assert (refused.value.code, refused.value.channel) == ("forbidden", channel)
+        with pytest.raises(ReplyError) as refused:
+            alice.send("user:bob", "message", {"text": "hi"})
+        assert refused.value.code == "forbidden"
 
 
 def test_handler_checks_the_text_and_hands_it_to_the_job(monkeypatch):
     """The handler answers at once and leaves the broadcast to the job."""
     jobs = []
     monkeypatch.setattr(chat, "dispatch", lambda message, user: jobs.append((message, user)))
-    alice = SimpleNamespace(identity="alice")
-    message = Message("room:lobby", "message", {"text": "hi"}, ref=3)
-    assert realtime.on_message(message, alice) == {"queued": True}
-    assert jobs == [(message.to_dict(), "alice")]
-    for data in (None, "hi", {"text": "   "}, {"text": 5}, {"text": "x" * 501}):
-        with pytest.raises(Forbidden):
-            realtime.on_message(Message("room:lobby", "message", data), alice)
+    with sockets.test_client(app, identity="alice") as alice:
+        assert alice.send("room:lobby", "message", {"text": "hi"}) == {"queued": True}
+        ((message, user),) = jobs
+        assert (Message.from_dict(message).channel, message["data"], user) == ("room:lobby", {"text": "hi"}, "alice")
+        for data in (None, "hi", {"text": "   "}, {"text": 5}, {"text": "x" * 501}):
+            with pytest.raises(ReplyError) as refused:
+                alice.send("room:lobby", "message", data)
+            assert refused.value.code == "forbidden"
+            assert refused.value.message == "a message is 1 to 500 characters of text"
+        assert alice.received() == [] and len(jobs) == 1
+    with pytest.raises(Forbidden):  # the same check, called as a function
+        realtime.on_message(Message("room:lobby", "message", None), SimpleNamespace(identity="alice"))
 
 
-def test_job_broadcasts_to_the_room_and_to_who_is_mentioned(monkeypatch):
+def test_job_broadcasts_to_the_room_and_to_who_is_mentioned(jobs_in_process):
     """The job keeps the message, sends it to the room, and notifies each
     mentioned person who signed in (not the author, not a stranger) on their
     private channel, once, in the order they are named."""
-    sent = []
-    monkeypatch.setattr(chat, "publish", lambda channel, event, data: sent.append((channel, event, data)))
-    monkeypatch.setattr(chat, "people", chat.MemoryPeople(10))
     for name in ("alice", "bob", "carol"):
         chat.people.add(name)
-    entry = chat.post_message(
-        Message("room:lobby", "message", {"text": "@carol and @bob, @carol! mail@example.com @alice @nobody"}).to_dict(),
-        "alice",
-    )
-    assert sent == [
-        ("room:lobby", "message", entry),
-        ("user:carol", "mention", {**entry, "room": "lobby"}),
-        ("user:bob", "mention", {**entry, "room": "lobby"}),
-    ]
-    assert chat.history.recent("lobby")[-1] == entry
+    clients = {name: sockets.test_client(app, identity=name) for name in ("alice", "bob", "carol")}
+    try:
+        for name, client in clients.items():
+            client.subscribe(f"user:{name}")
+        clients["alice"].subscribe("room:lobby")
+        text = "@carol and @bob, @carol! mail@example.com @alice @nobody"
+        assert clients["alice"].send("room:lobby", "message", {"text": text}) == {"queued": True}
+        (broadcast,) = clients["alice"].received()
+        entry = broadcast["data"]
+        assert (broadcast["channel"], broadcast["event"], entry["user"], entry["text"]) == (
+            "room:lobby", "message", "alice", text,
+        )
+        for name in ("bob", "carol"):
+            (mention,) = clients[name].received()
+            assert (mention["channel"], mention["event"], mention["data"]) == (
+                f"user:{name}", "mention", {**entry, "room": "lobby"},
+            )
+        assert chat.history.recent("lobby")[-1] == entry
+    finally:
+        for client in clients.values():
+            client.close()
 
 
 def test_job_notifies_at_most_five_mentions(monkeypatch):
@@ -523,33 +549,27 @@ def test_redis_without_a_key_refuses_to_start():
 # -- mentions -----------------------------------------------------------
 
 
-def test_mentions_reach_only_people_who_signed_in_and_at_most_five(keyless):
+def test_mentions_reach_only_people_who_signed_in_and_at_most_five(jobs_in_process):
     """A message naming strangers and seven people who signed in publishes on
     the private channels of the first five of those only: the others' and
     the strangers' channels stay at seq 0, with no history."""
     tag = secrets.token_hex(3)
     people = [f"p{index}-{tag}" for index in range(7)]
-    sessions = {name: http_sign_in(keyless, name)[0] for name in people}
+    for name in people:
+        assert sign_in(app.test_client(), name).status_code == 302
     stranger = f"ghost-{tag}"
-    author, _ = http_sign_in(keyless, f"author-{tag}")
+    author = app.test_client()
+    sign_in(author, f"author-{tag}")
     text = " ".join(f"@{name}" for name in [stranger, *people, f"nobody-{tag}"])
-    ticket = ticket_of(keyless, author).json()["ticket"]
-    with connect(f"{keyless.ws_url}?ticket={ticket}", open_timeout=5) as ws:
-        assert json.loads(ws.recv(timeout=5))["event"] == "@connected"
-        ws.send(json.dumps({"channel": "room:lobby", "event": "@subscribe", "ref": 1}))
-        assert json.loads(ws.recv(timeout=5))["event"] == "@subscribed"
-        ws.send(json.dumps({"channel": "room:lobby", "event": "message", "data": {"text": text}, "ref": 2}))
-        # The reply and the job's broadcast, in either order.
-        events = {json.loads(ws.recv(timeout=5))["event"] for _ in range(2)}
-    assert events == {"@reply", "message"}
-    # The room's broadcast comes first in the job: wait for the last mention it may make.
-    last = people[4]
-    wait_until(lambda: subscribe(keyless, sessions[last], f"user:{last}")["seq"], 10,
-               message="the fifth mention")
-    seqs = {name: subscribe(keyless, sessions[name], f"user:{name}")["seq"] for name in people}
-    assert seqs == {name: 1 if index < 5 else 0 for index, name in enumerate(people)}
-    ghost, _ = http_sign_in(keyless, stranger)
-    assert subscribe(keyless, ghost, f"user:{stranger}")["seq"] == 0
+    with sockets.test_client(app, flask_client=author) as ws:
+        ws.subscribe("room:lobby")
+        assert ws.send("room:lobby", "message", {"text": text}) == {"queued": True}
+        assert [frame["event"] for frame in ws.received()] == ["message"]
+    seqs = {}
+    for name in [*people, stranger]:
+        with sockets.test_client(app, identity=name) as client:
+            seqs[name] = client.subscribe(f"user:{name}")["seq"]
+    assert seqs == {**{name: 1 if index < 5 else 0 for index, name in enumerate(people)}, stranger: 0}
 
 
 @pytest.mark.parametrize("kind", ["memory", pytest.param("redis", marks=pytest.mark.redis)])
