@@ -5,6 +5,7 @@ import logging
 from typing import Any, Callable, Hashable, Protocol
 
 from . import protocol
+from .metrics import NULL, Metrics
 
 log = logging.getLogger("flask_robe_sockets")
 
@@ -27,14 +28,19 @@ class Hub:
     then ``end_join`` hands over the buffered broadcasts the replay did not
     cover and makes it a member. From ``begin_join`` on the channel counts
     among its channels.
+
+    :param metrics: told of each broadcast with its number of members.
     """
 
-    def __init__(self, on_first: Callable[[str], None], on_last: Callable[[str], None]) -> None:
+    def __init__(
+        self, on_first: Callable[[str], None], on_last: Callable[[str], None], metrics: Metrics = NULL
+    ) -> None:
         self._members: dict[str, set[Subscriber]] = {}
         self._joining: dict[str, dict[Subscriber, list[tuple[int, bytes]]]] = {}
         self._channels: dict[Subscriber, set[str]] = {}
         self._on_first = on_first
         self._on_last = on_last
+        self._metrics = metrics
 
     def _in_use(self, channel: str) -> bool:
         return channel in self._members or channel in self._joining
@@ -51,6 +57,10 @@ class Hub:
     def member_counts(self) -> dict[str, int]:
         """Members per channel with any, joins under way not counted."""
         return {channel: len(members) for channel, members in self._members.items()}
+
+    def channel_count(self) -> int:
+        """How many channels have local members."""
+        return len(self._members)
 
     def joins_under_way(self) -> list[str]:
         """Channels someone is joining right now."""
@@ -106,6 +116,8 @@ class Hub:
         """Queue one ready frame for every local member of ``channel``."""
         members = self._members.get(channel)
         if members:
+            # Counted once for all members: per member would cost every delivery.
+            self._metrics.broadcast(len(members))
             # A copy: a member whose queue overflows closes, and so leaves
             # this very set (hub.leave_all) while the loop runs.
             for subscriber in tuple(members):

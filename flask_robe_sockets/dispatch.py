@@ -21,6 +21,7 @@ from .config import Settings
 from .errors import BackendUnavailable, ConfigurationError, Forbidden, ProtocolError, Refused, application_code_problem
 from .frames import ws_frame
 from .message import Message
+from .metrics import NULL, Metrics
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -88,14 +89,21 @@ class Router:
 
 
 class Dispatcher:
-    """Handles the text frames of one app's connections."""
+    """Handles the text frames of one app's connections.
 
-    def __init__(self, app: Flask, router: Router, hub: Hub, backend: Backend, settings: Settings) -> None:
+    :param metrics: times the handlers of each event, and is told of every
+        handler or authorize hook that raised.
+    """
+
+    def __init__(
+        self, app: Flask, router: Router, hub: Hub, backend: Backend, settings: Settings, metrics: Metrics = NULL
+    ) -> None:
         self.app = app
         self.router = router
         self.hub = hub
         self.backend = backend
         self.settings = settings
+        self.metrics = metrics
 
     def run_hooks(self, hooks: list[Hook], session: "Session") -> None:
         """Run connect or disconnect hooks; one that fails is logged, the rest run."""
@@ -137,6 +145,7 @@ class Dispatcher:
             code, reason = _refusal(exc, "the authorize hook", channel)
         except Exception:
             log.exception("authorize hook failed for %s on %r", session.owner, channel)
+            self.metrics.handler_error()
             session.answer_error("handler_error", "the server could not authorize this", ref, channel)
             return
         if not session.open:
@@ -194,7 +203,7 @@ class Dispatcher:
                 )
                 return
             message = Message(channel, frame.event, frame.data, ref)
-            with self.app.app_context():
+            with self.app.app_context(), self.metrics.handler_timer():
                 for handler in handlers:
                     value = handler(message, session.owner)
                     if result is None:
@@ -206,6 +215,7 @@ class Dispatcher:
             return
         except Exception:
             log.exception("handler for %r on %r failed", frame.event, channel)
+            self.metrics.handler_error()
             session.answer_error("handler_error", "the handler failed", ref, channel)
             return
         if reply is not None:

@@ -22,6 +22,7 @@ from . import protocol
 from .config import Settings
 from .errors import ProtocolError
 from .frames import PING_FRAME, PONG, close_frame, valid_close_code, ws_frame
+from .metrics import NULL, Metrics
 from .ratelimit import RateLimiter
 from .websocket import ServerSocket, under_gevent
 
@@ -78,6 +79,8 @@ class Session:
 
     :param owner: what the layer above hands to the application for this
         session (the public ``Connection``); the session never looks at it.
+    :param metrics: told when it opens and closes, of every client frame,
+        of refused ones and of an overflowing queue.
     """
 
     def __init__(
@@ -86,6 +89,7 @@ class Session:
         events: SessionEvents,
         identity: Any = None,
         remote_addr: str | None = None,
+        metrics: Metrics = NULL,
     ) -> None:
         #: Unique id, also sent to the client in ``@connected``.
         self.id: str = secrets.token_urlsafe(12)
@@ -95,6 +99,7 @@ class Session:
         self.owner: Any = None
         self._settings = settings
         self._events = events
+        self._metrics = metrics
         # A list, not a deque: an empty deque takes 600 bytes, an idle
         # connection's whole budget is a few kilobytes.
         self._queue: list[bytes] = []
@@ -266,6 +271,7 @@ class Session:
         if rest is not None:
             self._queue.append(rest)
             self._queued_bytes = len(rest)
+        self._metrics.slow_consumer()
         self.close(protocol.CLOSE_SLOW_CONSUMER, "send queue overflow")
 
     # -- the transport's listener, called in the reader -----------------
@@ -275,11 +281,13 @@ class Session:
 
     def on_frame(self, size: int) -> bool:
         """Charge one frame of ``size`` bytes, whatever its kind; whether to read it."""
+        self._metrics.frame()
         limiter = self._limiter
         if limiter.allow():
             if self._byte_limiter.allow(size):
                 return True
             limiter.strike()
+        self._metrics.rate_limited()
         if self._closing:
             # A client that floods after our close frame is not waited for.
             self._socket.frames.drain()
@@ -349,6 +357,7 @@ class Session:
             log.info("handshake from %s not completed: %r", self.remote_addr, exc)
             return
         log.info("connection %s opened: identity=%r ip=%s", self.id, self.identity, self.remote_addr)
+        self._metrics.opened()
         try:
             self._events.opened(self)
             self._write_loop(settings.ping_interval)
@@ -423,6 +432,7 @@ class Session:
         """
         self.attach(transport)
         log.info("connection %s opened: identity=%r ip=%s", self.id, self.identity, self.remote_addr)
+        self._metrics.opened()
         self._events.opened(self)
 
     def end(self) -> None:
@@ -445,6 +455,7 @@ class Session:
             "connection %s closed after %.1fs: code %s by the %s",
             self.id, time.monotonic() - self._opened, self._close_code, self._closed_by or "server",
         )
+        self._metrics.closed(self._close_code)
         self._events.closed(self)
 
     def _shutdown(self, close_timeout: float) -> None:
