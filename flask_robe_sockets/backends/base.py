@@ -30,6 +30,10 @@ class Recovery:
 class Backend:
     """Base class; see the module docstring."""
 
+    #: Whether other processes see this backend's state: its channels,
+    #: history and workers (Redis), or only this process (memory).
+    shared = False
+
     def start(self, deliver: Deliver) -> None:
         """Begin delivering broadcasts of subscribed channels to ``deliver``."""
         raise NotImplementedError
@@ -54,6 +58,25 @@ class Backend:
     def claim_nonce(self, nonce: str, ttl: float) -> bool:
         """Mark a ticket nonce used; ``False`` when it already was."""
         raise NotImplementedError
+
+    def announce(self, worker_id: str, info: dict[str, Any], ttl: float) -> None:
+        """Report this worker alive, with ``info`` (JSON values), for ``ttl`` seconds.
+
+        Each serving worker calls it every third of ``ttl``. A worker not
+        heard of for ``ttl`` is gone: ``workers`` leaves it out, and a
+        backend keeps its id (see ``workers``) so that what it held for its
+        connections can be found and let go.
+
+        :raises BackendUnavailable: the report did not reach the backend.
+        """
+
+    def workers(self) -> list[dict[str, Any]]:
+        """The workers alive on this backend: each report's ``info`` with its
+        ``id`` and ``age`` (seconds since that report), oldest worker first.
+
+        :raises BackendUnavailable: the backend could not be asked.
+        """
+        return []
 
     def close(self) -> None:
         """Release connections and background tasks."""

@@ -8,6 +8,12 @@ What is kept where:
   ``history_size`` frames. Used ticket nonces: ``robe:nonce:<nonce>``.
 - In each worker: which channels its own clients joined (``channels.Hub``),
   and one pub/sub connection subscribed to exactly those channels.
+- The serving workers (``announce``): ``robe:{workers}``, a sorted set of
+  worker ids scored with the time (Redis's clock, in ms) after which each is
+  gone if it has not reported again, and ``robe:{workers}:<id>``, a hash
+  with its last report that expires then. An id stays in the set a day
+  after its worker stopped reporting, so that a sweep can find the workers
+  that died (a score in the past) and let go of what they held.
 
 What bounds Redis's memory (measured on Redis 7.0, 64-bit): a channel's two
 keys take about 4.5 KiB once it had one broadcast, small or of 1 KiB alike
@@ -52,6 +58,7 @@ broadcasts meet with no gap and no duplicate.
 """
 from __future__ import annotations
 
+import json
 import logging
 import random
 import secrets
@@ -122,6 +129,21 @@ end
 return {meta[1], seq, frames}
 """
 
+#: KEYS: the workers' set, the worker's hash. ARGV: id, TTL (ms), the report (JSON).
+#: Scores and ``seen`` are Redis's own clock, so workers' clocks never disagree.
+ANNOUNCE_SCRIPT = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('HSET', KEYS[2], 'info', ARGV[3], 'seen', now)
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 86400000)
+return now
+"""
+
+#: Where the workers report: one Redis Cluster slot for all of them.
+WORKERS_KEY = "robe:{workers}"
+
 #: Seconds of silence on the pub/sub connection before it is checked with a
 #: PING; no answer within as long again counts as a lost connection.
 KEEPALIVE = 15
@@ -178,6 +200,8 @@ class RedisBackend(Backend):
     :param timeout: seconds a Redis command may take before it fails (5).
     """
 
+    shared = True
+
     def __init__(
         self,
         url: str,
@@ -218,6 +242,7 @@ class RedisBackend(Backend):
         )
         self._publish = self.redis.register_script(PUBLISH_SCRIPT)
         self._recover = self.redis.register_script(RECOVER_SCRIPT)
+        self._announce = self.redis.register_script(ANNOUNCE_SCRIPT)
         # Pub/sub is not scoped to a database: name the database in the
         # channel so that apps on two databases of one Redis stay apart.
         db = self._pool.connection_kwargs.get("db", 0)
@@ -324,6 +349,33 @@ class RedisBackend(Backend):
             ) from exc
         finally:
             self._barriers.pop(token, None)
+
+    # -- the workers sharing this Redis ------------------------------------
+
+    def announce(self, worker_id: str, info: dict[str, Any], ttl: float) -> None:
+        args = [worker_id, max(1, int(ttl * 1000)), json.dumps(info)]
+        try:
+            self._announce(keys=[WORKERS_KEY, f"{WORKERS_KEY}:{worker_id}"], args=args)
+        except redis.RedisError as exc:
+            raise BackendUnavailable(f"could not report this worker to Redis at {self._where()}: {exc}") from exc
+
+    def workers(self) -> list[dict[str, Any]]:
+        try:
+            seconds, micros = self.redis.time()
+            now = seconds * 1000 + micros // 1000
+            ids = self.redis.zrangebyscore(WORKERS_KEY, now, "+inf")
+            pipe = self.redis.pipeline(transaction=False)
+            for worker_id in ids:
+                pipe.hmget(f"{WORKERS_KEY}:{worker_id.decode()}", "info", "seen")
+            reports = pipe.execute()
+        except redis.RedisError as exc:
+            raise BackendUnavailable(f"could not list the workers from Redis at {self._where()}: {exc}") from exc
+        found = []
+        for worker_id, (info, seen) in zip(ids, reports):
+            if info is None:  # expired between the two reads
+                continue
+            found.append({**json.loads(info), "id": worker_id.decode(), "age": max(0, now - int(seen)) / 1000})
+        return sorted(found, key=lambda worker: (worker.get("started", 0), worker["id"]))
 
     def claim_nonce(self, nonce: str, ttl: float) -> bool:
         try:
