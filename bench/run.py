@@ -37,12 +37,14 @@ SERVERS = {
     "socketio": "socketio_app:app",
     "naive": "naive_sock_app:app",
     "robe-redis": "robe_app:app",
+    "robe-metrics": "robe_app:app",
 }
 LABELS = {
     "robe": "flask-robe-sockets",
     "socketio": "Flask-SocketIO 5",
     "naive": "naive flask-sock",
     "robe-redis": "robe, 2 workers + Redis",
+    "robe-metrics": "robe, metrics on",
 }
 #: Worker processes per server: the Redis variant shares core 0 between two
 #: workers and redis-server, so it gets the same CPU as the others.
@@ -146,6 +148,8 @@ class Server:
                 stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )
             env["BENCH_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
+        if name == "robe-metrics":
+            env["BENCH_METRICS"] = "1"
         self.proc = subprocess.Popen(
             ["taskset", "-c", str(SERVER_CORE), str(BIN / "gunicorn"), "-k", "gevent", "-w", str(self.workers),
              "--worker-connections", "6000", "--backlog", "4096", "-b", f"127.0.0.1:{self.port}",
@@ -350,6 +354,10 @@ def rows(results: dict) -> list[dict]:
                         ours, theirs = row["robe"]["median"], row[peer]["median"]
                         # Always "how many times better": > 1 means this project leads.
                         row[f"x_{peer}"] = (ours / theirs if higher else theirs / ours) if ours and theirs else None
+                if "robe" in row and "robe-metrics" in row:
+                    off, on = row["robe"]["median"], row["robe-metrics"]["median"]
+                    # Metrics on as a share of off, "better" the same way: 0.97 costs 3%.
+                    row["metrics_on_off"] = (on / off if higher else off / on) if on and off else None
                 out.append(row)
     return out
 
@@ -363,7 +371,8 @@ def fmt(value: float) -> str:
 
 
 def _header(servers: list[str]) -> list[str]:
-    return ["workload", "metric", "read", *(LABELS[s] for s in servers), "x SocketIO", "x naive"]
+    extra = ["metrics on/off"] if "robe-metrics" in servers else []
+    return ["workload", "metric", "read", *(LABELS[s] for s in servers), "x SocketIO", "x naive", *extra]
 
 
 def _cells(row: dict, servers: list[str], cell_text) -> list[str]:
@@ -375,6 +384,9 @@ def _cells(row: dict, servers: list[str], cell_text) -> list[str]:
     for peer in ("socketio", "naive"):
         ratio = row.get(f"x_{peer}")
         cells.append(f"{ratio:.2f}x" if ratio else "-")
+    if "robe-metrics" in servers:
+        ratio = row.get("metrics_on_off")
+        cells.append(f"{ratio:.3f}" if ratio else "-")
     return cells
 
 
@@ -420,8 +432,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, help="runs per figure (default 5, quick 3)")
     parser.add_argument(
         "--servers",
-        help="comma-separated, from robe, socketio, naive, robe-redis (default: all four;"
-        " --quick and machines without redis-server leave robe-redis out)",
+        help="comma-separated, from robe, socketio, naive, robe-redis, robe-metrics (default: the"
+        " first four; --quick and machines without redis-server leave robe-redis out)",
     )
     parser.add_argument("--workloads", default="capacity,fanout,latency,inbound", help="comma-separated subset")
     parser.add_argument("--out", type=Path, help="JSON file (default bench/results/<time>.json)")

@@ -12,6 +12,9 @@ Settings changed from the defaults, for the benchmark's sake only:
   burst is never cut short by the slow-consumer limit (the peers' queues
   have no limit);
 - connection limit 6,000 for the 5,000-connection capacity workload.
+
+``BENCH_METRICS=1`` (the ``robe-metrics`` server of ``bench/run.py``) turns
+``ROBE_SOCKETS_METRICS`` on, to measure what counting for Prometheus costs.
 """
 import os
 
@@ -31,6 +34,8 @@ app.config.update(
     ROBE_SOCKETS_MAX_CONNECTIONS=6_000,
     # Set by bench/run.py for the two-worker Redis variant.
     ROBE_SOCKETS_REDIS_URL=os.environ.get("BENCH_REDIS_URL"),
+    # Set by bench/run.py for the metrics-on variant.
+    ROBE_SOCKETS_METRICS=bool(os.environ.get("BENCH_METRICS")),
 )
 sockets = RobeSockets(app)
 
