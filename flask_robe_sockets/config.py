@@ -93,6 +93,15 @@ class Settings:
     history_max_bytes: int | None = 64 * 1024 * 1024
     #: Seconds a closing socket waits for the client's close frame.
     close_timeout: float = 5
+    #: Whether to count connections, handshakes, frames, broadcasts and
+    #: handlers for Prometheus, served at ``GET {PATH}/metrics`` (needs the
+    #: ``metrics`` extra, prometheus_client). Keep that path behind your
+    #: proxy: it is not for the public.
+    metrics: bool = False
+    #: Seconds after its last report that a worker which stopped reporting
+    #: (killed) is no longer listed by ``flask robe workers``. Each worker
+    #: serving sockets reports itself to a shared backend every third of it.
+    worker_ttl: float = 15
 
     def __post_init__(self) -> None:
         if not self.path.startswith("/"):
@@ -108,6 +117,8 @@ class Settings:
                 "ROBE_SOCKETS_PING_INTERVAL must be seconds above 0, or None to turn pings off,"
                 f" got {self.ping_interval!r}"
             )
+        if not (isinstance(self.worker_ttl, (int, float)) and self.worker_ttl > 0):
+            raise ConfigurationError(f"ROBE_SOCKETS_WORKER_TTL must be seconds above 0, got {self.worker_ttl!r}")
         if self.allowed_origins is not None:
             object.__setattr__(self, "allowed_origins", tuple(self.allowed_origins))
 

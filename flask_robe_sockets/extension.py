@@ -9,7 +9,7 @@ from typing import Any, Callable, TypeVar
 from flask import Flask, Response, current_app, jsonify, request, send_from_directory
 from flask.logging import has_level_handler, wsgi_errors_stream
 
-from . import config, handshake
+from . import cli, config, handshake
 from .channels import Channel
 from .connection import Connection
 from .dispatch import Router
@@ -83,6 +83,9 @@ class RobeSockets:
             )
         app.add_url_rule(path + "/ticket", "robe_sockets.ticket", self._ticket_view, methods=["POST"])
         app.add_url_rule(path + "/<any('client.js', 'client.d.ts'):filename>", "robe_sockets.client", _client_view)
+        if settings.metrics:
+            app.add_url_rule(path + "/metrics", "robe_sockets.metrics", _metrics_view)
+        app.cli.add_command(cli.robe)
 
     # -- registration ----------------------------------------------------
 
@@ -227,12 +230,15 @@ class RobeSockets:
                 server.tickets,
             )
         except handshake.Refused as refused:
+            server.metrics.handshake(refused.error)
             return _refuse(refused.status, refused.error)
         # The last checks of the table: the connection limits, whose slot is
         # held until the socket ends, however it ends.
         with server.slots.reserve(identity, request.remote_addr) as full:
             if full is not None:
+                server.metrics.handshake(full)
                 return _refuse(handshake.LIMIT_STATUS[full], full)
+            server.metrics.handshake("accepted")
             # Served from here, not from a method of the server: one frame
             # more on every socket's stack costs each idle connection a page.
             server.session(identity, request.remote_addr).serve(request.environ)
@@ -257,6 +263,14 @@ class _SocketEnded(Response):
         if "werkzeug.socket" in environ:
             return super().__call__(environ, start_response)
         return []
+
+
+def _metrics_view() -> Response:
+    # Not for the public (the README says so): counts of every worker.
+    body, content_type = current_app.extensions["robe_sockets"].metrics.exposition(request.headers.get("Accept"))
+    response = Response(body, content_type=content_type)
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 def _client_view(filename: str) -> Response:

@@ -24,6 +24,8 @@ from .config import Settings
 from .connection import Connection
 from .dispatch import Dispatcher, Router
 from .handshake import Slots
+from .heartbeat import Heartbeat
+from .metrics import Metrics, create as create_metrics
 from .session import Session
 from .websocket import under_gevent
 from .tickets import TicketRateLimit, TicketSigner
@@ -41,7 +43,9 @@ class SocketServer:
             history_ttl=settings.history_ttl,
             history_max_bytes=settings.history_max_bytes,
         )
-        self.hub = Hub(self.backend.subscribe, self.backend.unsubscribe)
+        #: What the layers report to, for Prometheus (``NULL`` when off).
+        self.metrics: Metrics = create_metrics(settings.metrics)
+        self.hub = Hub(self.backend.subscribe, self.backend.unsubscribe, self.metrics)
         self.backend.start(self.hub.deliver)
         keys = [*(app.config.get("SECRET_KEY_FALLBACKS") or []), app.secret_key]
         self.tickets = TicketSigner(
@@ -53,11 +57,20 @@ class SocketServer:
         self.ticket_limit = TicketRateLimit(*settings.ticket_rate_limit)
         self.slots = Slots(settings)
         self.router = router
-        self.dispatcher = Dispatcher(app, router, self.hub, self.backend, settings)
+        self.dispatcher = Dispatcher(app, router, self.hub, self.backend, settings, self.metrics)
         #: Open connections of this worker.
         self.connections: set[Connection] = set()
         self.shutting_down = False
         self._shutdown_hooked_pid: int | None = None
+        #: Reports this worker to a shared backend (``flask robe workers``).
+        self.heartbeat: Heartbeat | None = Heartbeat(
+            self.backend, settings.worker_ttl, self._report
+        ) if self.backend.shared else None
+        # A gunicorn gevent worker imports the app once patched: it reports
+        # from the start, idle or not. Elsewhere (--preload, the first
+        # connection starts it), and never in a process that only runs
+        # commands or tests.
+        self._start_heartbeat()
 
     def channel(self, name: str) -> Channel:
         # Data that is not JSON raises TypeError or ValueError from the
@@ -66,7 +79,7 @@ class SocketServer:
 
     def session(self, identity: Any, remote_addr: str | None) -> Session:
         """A new connection's session (with its public Connection), to ``serve``."""
-        session = Session(self.settings, self, identity, remote_addr)
+        session = Session(self.settings, self, identity, remote_addr, self.metrics)
         session.owner = Connection(session, self.hub)
         return session
 
@@ -79,6 +92,7 @@ class SocketServer:
             session.close(protocol.CLOSE_GOING_AWAY, "server shutting down")
             return
         self._hook_shutdown()
+        self._start_heartbeat()
         self.connections.add(session.owner)
         session.answer(protocol.CONNECTED, {"id": session.id, "protocol": protocol.VERSION})
         self.dispatcher.run_hooks(self.router.connect_hooks, session)
@@ -93,6 +107,15 @@ class SocketServer:
         if session.owner in self.connections:
             self.connections.discard(session.owner)
             self.dispatcher.run_hooks(self.router.disconnect_hooks, session)
+
+    # -- this worker's reports -----------------------------------------------
+
+    def _start_heartbeat(self) -> None:
+        if self.heartbeat is not None and under_gevent():
+            self.heartbeat.start()
+
+    def _report(self) -> dict[str, Any]:
+        return {"connections": len(self.connections), "channels": self.hub.channel_count()}
 
     # -- shutdown ----------------------------------------------------------
 
