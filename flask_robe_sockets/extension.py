@@ -229,7 +229,7 @@ class RobeSockets:
                 server.settings,
                 server.tickets,
             )
-        except handshake.Refused as refused:
+        except handshake.Refusal as refused:
             server.metrics.handshake(refused.error)
             return _refuse(refused.status, refused.error)
         # The last checks of the table: the connection limits, whose slot is

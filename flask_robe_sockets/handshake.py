@@ -2,7 +2,7 @@
 
 :func:`check` takes what the request says (headers, the ticket, the client
 address, scheme and host) and returns the ticket's identity or raises
-:class:`Refused`; it is tested by feeding it headers. The connection limits
+:class:`Refusal`; it is tested by feeding it headers. The connection limits
 that close the table are :class:`Slots`, whose reservation is held for the
 socket's whole life. Everything here happens before the upgrade, so every
 refusal is a plain HTTP answer.
@@ -28,7 +28,7 @@ _PAGE_SCHEME = {"http": "http", "ws": "http", "https": "https", "wss": "https"}
 LIMIT_STATUS = {"identity_limit": 429, "ip_limit": 429, "too_many_connections": 503}
 
 
-class Refused(Exception):
+class Refusal(Exception):
     """A handshake refused before the upgrade: ``status`` and the protocol's ``error``."""
 
     def __init__(self, status: int, error: str) -> None:
@@ -52,7 +52,7 @@ def check(
     :param headers: the request's headers, looked up case-insensitively
         (Werkzeug's ``Headers``, or a dict with the usual spelling).
     :param scheme: the request's scheme as the app sees it (after ProxyFix).
-    :raises Refused: with the status and error of the first check that fails.
+    :raises Refusal: with the status and error of the first check that fails.
     """
     # The checks wsproto makes when it accepts: one it would refuse must be
     # answered here, or it fails inside the upgrade as a 500.
@@ -63,26 +63,26 @@ def check(
         or headers.get("Sec-WebSocket-Version") != "13"
         or not headers.get("Host")
     ):
-        raise Refused(400, "not_websocket")
+        raise Refusal(400, "not_websocket")
     origin = headers.get("Origin")
     if origin is not None and not origin_allowed(origin, settings.allowed_origins, scheme, host):
-        raise Refused(403, "origin_not_allowed")
+        raise Refusal(403, "origin_not_allowed")
     if ticket is None:
         if settings.tickets_required:
-            raise Refused(401, "ticket_missing")
+            raise Refusal(401, "ticket_missing")
         return None
     if tickets is None:
-        raise Refused(401, "ticket_invalid")
+        raise Refusal(401, "ticket_invalid")
     try:
         return tickets.verify(ticket, remote_addr)
     except TicketError as exc:
-        raise Refused(401, exc.code) from None
+        raise Refusal(401, exc.code) from None
     except BackendUnavailable:
         # The used-nonce store (Redis) is down: the ticket cannot be checked
         # for reuse. Not in PROTOCOL.md's table; the closest reading is a
         # retryable 503 with a JSON body like the others.
         log.warning("cannot check a ticket: the backend is unreachable")
-        raise Refused(503, "backend_unavailable") from None
+        raise Refusal(503, "backend_unavailable") from None
 
 
 def origin_allowed(origin: str, allowed: tuple[str, ...] | None, scheme: str, host: str) -> bool:

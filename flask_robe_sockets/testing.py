@@ -139,7 +139,7 @@ class SocketTestClient:
             identity = handshake.check(
                 headers, ticket, remote_addr, "http", headers["Host"], settings, server.tickets
             )
-        except handshake.Refused as refused:
+        except handshake.Refusal as refused:
             raise self._refused(refused.status, refused.error, remote_addr) from None
         self._slot = contextlib.ExitStack()
         full = self._slot.enter_context(server.slots.reserve(identity, remote_addr))

@@ -9,7 +9,7 @@ from itsdangerous import URLSafeTimedSerializer
 from flask_robe_sockets.backends.memory import MemoryBackend
 from flask_robe_sockets.config import Settings
 from flask_robe_sockets.errors import BackendUnavailable
-from flask_robe_sockets.handshake import LIMIT_STATUS, Refused, Slots, check, origin_allowed
+from flask_robe_sockets.handshake import LIMIT_STATUS, Refusal, Slots, check, origin_allowed
 from flask_robe_sockets.tickets import SALT, TicketSigner
 
 from .test_tickets import IP, clock, make_signer  # noqa: F401 (clock is a fixture)
@@ -43,7 +43,7 @@ def run(headers=None, ticket=None, settings=None, tickets=None, remote_addr=IP, 
 
 
 def refusal(**kwargs) -> tuple[int, str]:
-    with pytest.raises(Refused) as info:
+    with pytest.raises(Refusal) as info:
         run(**kwargs)
     return info.value.status, info.value.error
 
