@@ -136,6 +136,34 @@ class Gunicorn(Process):
         return requests.get(self.url + "/stats", timeout=5).json()
 
 
+class FlaskRun(Process):
+    """``flask run`` (Werkzeug's threaded development server, no gevent) with
+    the test app, on a random port; ``extra`` goes before ``-p``."""
+
+    def __init__(self, config: dict | None = None, extra: list[str] | None = None, timeout: float = 30.0) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(
+            [str(BIN / "flask"), "--app", "tests.app:create_app()", "run", *(extra or []), "-p", str(self.port)],
+            env={"ROBE_TEST_CONFIG": json.dumps(config or {})},
+            name="flask-run",
+        )
+
+        def ready():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"flask run exited:\n{self.output()}")
+            try:
+                return requests.get(self.url + "/stats", timeout=1).ok
+            except requests.RequestException:
+                return False
+
+        try:
+            wait_until(ready, timeout, 0.05, "flask run to serve")
+        except Exception:
+            self.stop()
+            raise
+
+
 class RedisServer(Process):
     """A scratch ``redis-server`` on a random port, no persistence."""
 

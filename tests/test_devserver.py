@@ -5,31 +5,14 @@ import pytest
 import requests
 from websockets.sync.client import connect
 
-from .servers import BIN, Process, free_port, wait_until
+from .servers import FlaskRun
 
 
 @pytest.fixture
 def dev_server():
-    port = free_port()
-    proc = Process(
-        [str(BIN / "flask"), "--app", "tests.app:create_app()", "run", "-p", str(port)],
-        name="flask-run",
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def ready():
-        if proc.proc.poll() is not None:
-            raise RuntimeError(f"flask run exited:\n{proc.output()}")
-        try:
-            return requests.get(url + "/stats", timeout=1).ok
-        except requests.RequestException:
-            return False
-
-    try:
-        wait_until(ready, 20, 0.05, "flask run to serve")
-        yield url
-    finally:
-        proc.stop()
+    server = FlaskRun()
+    yield server.url
+    server.stop()
 
 
 def test_flask_run_subscribes_broadcasts_and_replies(dev_server):

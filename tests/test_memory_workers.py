@@ -19,7 +19,7 @@ import requests
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from .servers import BIN, ROOT, Gunicorn, Process, free_port, wait_until
+from .servers import ROOT, FlaskRun, Gunicorn, wait_until
 
 WARNING = re.compile(r"process (\d+) serves sockets on the in-memory backend \(memory://\)")
 FIX = "Set ROBE_SOCKETS_REDIS_URL so that all workers share one Redis, or run one worker"
@@ -121,30 +121,14 @@ def test_one_worker_does_not_warn(make_server, preload):
 
 def test_flask_run_with_the_reloader_does_not_warn():
     """flask run --reload (a watcher process and one server child) gives no warning."""
-    port = free_port()
-    proc = Process(
-        [str(BIN / "flask"), "--app", "tests.app:create_app()", "run", "--reload", "-p", str(port)],
-        env={"ROBE_TEST_CONFIG": json.dumps(CONFIG)},
-        name="flask-run",
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def ready():
-        if proc.proc.poll() is not None:
-            raise RuntimeError(f"flask run exited:\n{proc.output()}")
-        try:
-            return requests.get(url + "/stats", timeout=1).ok
-        except requests.RequestException:
-            return False
-
+    server = FlaskRun(CONFIG, extra=["--reload"])
     try:
-        wait_until(ready, 30, 0.05, "flask run to serve")
-        ticket = requests.post(url + "/ops/ticket", timeout=5).json()["ticket"]
-        with connect(f"ws://127.0.0.1:{port}/ops?ticket={ticket}", open_timeout=5) as ws:
+        ticket = requests.post(server.url + "/ops/ticket", timeout=5).json()["ticket"]
+        with connect(f"ws://127.0.0.1:{server.port}/ops?ticket={ticket}", open_timeout=5) as ws:
             assert json.loads(ws.recv(timeout=5))["event"] == "@connected"
-        assert warned(proc.output()) == []
+        assert warned(server.output()) == []
     finally:
-        proc.stop()
+        server.stop()
 
 
 SIBLING = textwrap.dedent(
