@@ -15,7 +15,10 @@ connection up by itself: it fetches a fresh ticket before every connect,
 reconnects with exponential backoff and full jitter after any close it did
 not ask for, subscribes every channel again with the last ``seq`` and
 ``epoch`` it saw so that the server replays what was missed, and keeps sends
-made while disconnected in a bounded queue.
+made while disconnected in a bounded queue. It reconnects at once after
+4001 (the server asks for it), and stops for good after a close from 4500 to
+4999 (the application disconnected it), as :meth:`Client.close` would.
+Each channel's ``presence`` keeps its members (PROTOCOL.md section 7).
 
 Every decision (refs, the queue, what to resubscribe from, the backoff,
 which refusals are retried) is made by
@@ -61,6 +64,7 @@ from . import protocol
 from .clientsocket import ClientSocket
 from .clientstate import (
     CHANNEL_EVENTS,
+    PRESENCE_EVENTS,
     STABLE_AFTER,
     Action,
     ChannelState,
@@ -71,6 +75,9 @@ from .clientstate import (
     ConnectionLost,
     Drop,
     Emit,
+    Member,
+    Presence,
+    PresenceState,
     QueueFull,
     ReceivedMessage,
     ReplyError,
@@ -79,6 +86,7 @@ from .clientstate import (
     SendTimeout,
     Settle,
     Subscribed,
+    Unsubscribed,
     error_name,
     is_channel_event,
     retry_after_seconds,
@@ -90,17 +98,21 @@ if TYPE_CHECKING:
 __all__ = [
     "STABLE_AFTER",
     "Channel",
+    "ChannelPresence",
     "Client",
     "ClientClosed",
     "ClientError",
     "ConnectError",
     "ConnectionLost",
+    "Member",
     "Message",
+    "Presence",
     "QueueFull",
     "ReceivedMessage",
     "ReplyError",
     "SendTimeout",
     "Subscribed",
+    "Unsubscribed",
 ]
 
 log = logging.getLogger("flask_robe_sockets.client")
@@ -113,21 +125,94 @@ Message = ReceivedMessage
 _CLIENT_EVENTS = ("connect", "disconnect", "error", "message")
 
 
+class ChannelPresence(PresenceState):
+    """Who is on a channel with presence (PROTOCOL.md section 7), as
+    ``channel.presence``.
+
+    :attr:`members` is a dict from connection id to :class:`Member`
+    (``.id``, ``.identity``, ``.info``), kept in sync by the client from the
+    snapshot of each ``@subscribed`` and every ``@join`` and ``@leave``;
+    empty while not subscribed, and on a channel without presence. Read it
+    in a handler, or copy it (``list(members.values())``) elsewhere: the
+    connection thread changes it.
+    """
+
+    def __init__(
+        self,
+        add: Callable[[str, Callable[..., Any]], None],
+        fetch: Callable[[float | None], Presence],
+    ) -> None:
+        super().__init__()
+        self._add = add
+        self._fetch = fetch
+
+    def on(self, event: str, handler: Callable[..., Any]) -> Callable[..., Any]:
+        """Call ``handler`` on a presence event, in the client's handler thread.
+
+        - ``"join"``: ``handler(member)``, a :class:`Member`, when another
+          connection joins;
+        - ``"leave"``: ``handler(member)``, the member as it joined, when
+          one leaves;
+        - ``"sync"``: ``handler(members)``, the list of every member, after
+          the snapshot of each subscribe and resubscribe (it replaces the
+          members, never merged with an older list) and after every change,
+          the emptying at a lost connection or an unsubscribe included.
+
+        These never reach the channel's own handlers, ``"message"``
+        included. A handler may take fewer arguments.
+
+        :raises ValueError: ``event`` is not one of these.
+        """
+        if event not in PRESENCE_EVENTS:
+            raise ValueError(f"unknown presence event {event!r}: one of {', '.join(PRESENCE_EVENTS)}")
+        self._add("@" + event, handler)
+        return handler
+
+    def fetch(self, timeout: float | None = None) -> Presence:
+        """Ask the server who is on the channel now (``@presence``) and wait
+        for the answer; while disconnected the request waits in the send
+        queue.
+
+        :param timeout: seconds to wait, queueing included; ``None`` uses
+            the client's ``send_timeout``.
+        :returns: a :class:`Presence` (``.members``, ``.clients``, ``.users``).
+        :raises ReplyError: the server refused: ``.code`` is
+            ``"not_subscribed"`` or ``"presence_disabled"``.
+        :raises SendTimeout: no answer within ``timeout`` (``"timeout"``).
+        :raises QueueFull: disconnected, and the queue is full.
+        :raises ConnectionLost: the connection ended before the answer.
+        :raises ClientClosed: the client is closed.
+        """
+        return self._fetch(timeout)
+
+
 class Channel(ChannelState):
     """A channel of a :class:`Client`, returned by :meth:`Client.subscribe`.
 
     Its ``seq``, ``epoch`` and ``subscribed`` are kept by the client's state
-    (:class:`~flask_robe_sockets.clientstate.ChannelState`).
+    (:class:`~flask_robe_sockets.clientstate.ChannelState`); who is on it,
+    by its :attr:`presence` (a :class:`ChannelPresence`).
     """
+
+    presence: ChannelPresence
 
     def __init__(
         self,
         client: "Client",
         name: str,
         request: Callable[[str, str, Any, float | None], Any],
+        fetch: Callable[[str, float | None], Presence],
         handlers: "_Handlers",
     ) -> None:
-        super().__init__(name)
+        # Presence handlers are this channel's, under the names its state
+        # emits (@join, @leave, @sync), which channel.on() refuses.
+        super().__init__(
+            name,
+            ChannelPresence(
+                lambda event, handler: handlers.add(self, event, handler),
+                lambda timeout: fetch(name, timeout),
+            ),
+        )
         self.client = client
         self._request = request
         self._handlers = handlers
@@ -149,7 +234,12 @@ class Channel(ChannelState):
           channel's history was lost (reload your state when its
           ``recovered`` is false);
         - ``"@error"``: ``handler(exc)``, a :class:`ReplyError`, when the
-          subscription is refused; the client's ``"error"`` hears it too.
+          subscription is refused; the client's ``"error"`` hears it too;
+        - ``"@unsubscribed"``: ``handler(unsubscribed)``, an
+          :class:`Unsubscribed` with the server's ``.reason``, when the
+          server ended the subscription: for good, it is not subscribed
+          again on reconnect (a later :meth:`Client.subscribe` makes a new
+          channel object).
 
         The client's own events start with ``@``, as application event
         names cannot, so an application event called ``error`` or
@@ -359,8 +449,9 @@ class Client:
             ping_interval=ping_interval,
             pong_timeout=pong_timeout,
             connect_timeout=connect_timeout,
-            new_channel=lambda name: Channel(self, name, self._request, self._handlers),
+            new_channel=lambda name: Channel(self, name, self._request, self._fetch_presence, self._handlers),
         )
+        self._closing = False
         self._lock = threading.RLock()
         self._socket: ClientSocket | None = None
         self._stop = threading.Event()
@@ -394,7 +485,10 @@ class Client:
 
         - ``"connect"``: ``handler()``, after each ``@connected``;
         - ``"disconnect"``: ``handler(code)``, once per lost connection, with
-          the close code (1006 when it ended without a close frame);
+          the close code (1006 when it ended without a close frame). After
+          a code from 4500 to 4999 (the application disconnected this
+          client: signed out, banned) the client is closed, as by
+          :meth:`close`; after 4001 it reconnects at once;
         - ``"error"``: ``handler(exc)``, a :class:`ConnectError` for a failed
           connect attempt or a :class:`ReplyError` for an ``@error`` that
           answers no send (a refused subscribe);
@@ -442,8 +536,11 @@ class Client:
         :class:`ClientClosed`. Returns once the handlers have run, or after
         ``close_timeout``."""
         with self._lock:
-            if self._state.closed:
+            # The state may be closed already, by a close code from 4500 to
+            # 4999: the threads and the session still end here.
+            if self._closing:
                 return
+            self._closing = True
             self._perform(self._state.close())
             self._stop.set()
             sock = self._socket
@@ -464,16 +561,27 @@ class Client:
     # -- carrying out the state's decisions ------------------------------
 
     def _request(self, channel: str, event: str, data: Any, timeout: float | None) -> Any:
+        return self._answer(
+            lambda request: self._state.send(channel, event, data, request), f"{event!r} on {channel!r}", timeout
+        )
+
+    def _fetch_presence(self, channel: str, timeout: float | None) -> Presence:
+        return self._answer(
+            lambda request: self._state.fetch_presence(channel, request), f"@presence on {channel!r}", timeout
+        )
+
+    def _answer(self, start: Callable[[_Request], list[Action]], what: str, timeout: float | None) -> Any:
+        """The answer to what ``start(request)`` asked for, waited for here."""
         request = _Request()
         with self._lock:
-            self._perform(self._state.send(channel, event, data, request))
+            self._perform(start(request))
         if timeout is None:
             timeout = self.send_timeout
         if not request.done.wait(timeout):
             with self._lock:
                 withdrawn = self._state.withdraw(request)
             if withdrawn:
-                raise SendTimeout(f"no answer to {event!r} on {channel!r} within {timeout}s")
+                raise SendTimeout(f"no answer to {what} within {timeout}s")
         if request.error is not None:
             raise request.error
         return request.result

@@ -46,6 +46,24 @@ CHANNEL_EVENTS = (protocol.SUBSCRIBED, protocol.UNSUBSCRIBED, protocol.ERROR)
 #: channel, whatever its name, as in Robe (never the client's own events).
 EVERY_EVENT = "message"
 
+#: What ``channel.presence.on()`` takes. Their :class:`Emit` names are
+#: these with ``@`` in front, so that no channel handler (whose names
+#: cannot start with ``@`` but for :data:`CHANNEL_EVENTS`) ever gets them.
+PRESENCE_EVENTS = ("join", "leave", "sync")
+
+# The presence frames of PROTOCOL.md section 7.
+_PRESENCE = "@presence"
+_JOIN = "@join"
+_LEAVE = "@leave"
+
+#: The close code by which the server asks for a reconnect now
+#: (PROTOCOL.md section 8): the first attempt waits no backoff.
+CLOSE_RECONNECT_NOW = 4001
+
+#: Close codes from here to 4999 end the client, as :meth:`ClientState.close`
+#: would: the application disconnected it (signed out, banned).
+CLOSE_TERMINAL = 4500
+
 # Subscribe refusals that may pass on the next connect; any other refusal
 # holds until the application subscribes again.
 _RETRIED_REFUSALS = frozenset({"rate_limited"})
@@ -159,6 +177,46 @@ class ReceivedMessage:
 
 
 @dataclass(frozen=True)
+class Member:
+    """A member of a channel with presence (PROTOCOL.md section 7): one
+    connection, by its ``id``, with the ``identity`` its ticket named
+    (``None`` for an anonymous one) and the ``info`` the application shows
+    others about it (any JSON, ``None`` when it gives none)."""
+
+    id: str
+    identity: Any = None
+    info: Any = None
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> "Member":
+        return cls(data["id"], data.get("identity"), data.get("info"))
+
+
+@dataclass(frozen=True)
+class Presence:
+    """The server's answer to ``channel.presence.fetch()``: ``members``, a
+    list of :class:`Member`; ``clients``, how many; ``users``, how many
+    distinct identities other than ``None`` among them."""
+
+    members: list[Member]
+    clients: int
+    users: int
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> "Presence":
+        members = [Member.from_wire(member) for member in data["members"]]
+        return cls(members, data["clients"], data["users"])
+
+
+@dataclass(frozen=True)
+class Unsubscribed:
+    """The server ended the subscription (PROTOCOL.md section 8), saying why.
+    The channel is not subscribed again on reconnect."""
+
+    reason: str | None
+
+
+@dataclass(frozen=True)
 class Subscribed:
     """The server's ``@subscribed``: ``recovered`` is ``False`` when messages
     missed while disconnected could not be replayed, so the application
@@ -169,15 +227,32 @@ class Subscribed:
     epoch: str
 
 
+class PresenceState:
+    """Who is on a channel, as the state sees it. Only :class:`ClientState`
+    changes it."""
+
+    def __init__(self) -> None:
+        #: The channel's members by connection id, kept from the snapshot of
+        #: its last ``@subscribed`` and every ``@join`` and ``@leave`` since;
+        #: empty while not subscribed and on a channel without presence.
+        self.members: dict[str, Member] = {}
+
+
 class ChannelState:
     """One channel as the state sees it. Only :class:`ClientState` changes it.
 
     ``seq`` and ``epoch`` are sent back on resubscribe so that the server
     can replay what came in between.
+
+    :param presence: the object that holds its members; by default a
+        :class:`PresenceState`.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, presence: PresenceState | None = None) -> None:
         self.name = name
+        self.presence = PresenceState() if presence is None else presence
+        #: Whether the application left it: its handlers hear nothing more.
+        self.left = False
         #: The last ``seq`` seen here, and the epoch it belongs to.
         self.seq: int | None = None
         self.epoch: str | None = None
@@ -188,6 +263,9 @@ class ChannelState:
         self.wanted = True
         #: The ref of the ``@subscribe`` in flight, if one is.
         self.subscribe_ref: int | None = None
+        #: Whether its last ``@subscribed`` had presence: only then do
+        #: ``@join`` and ``@leave`` count.
+        self.has_presence = False
 
 
 @dataclass(frozen=True)
@@ -309,6 +387,9 @@ class ClientState:
         self._connected_at = 0.0
         self._last_heard = 0.0
         self._ping_sent_at: float | None = None
+        # Whether a 4001 was answered with an immediate reconnect since the
+        # last connection that lasted STABLE_AFTER.
+        self._rushed = False
 
     @property
     def queued(self) -> int:
@@ -316,8 +397,10 @@ class ClientState:
         return len(self._queue)
 
     def holds(self, channel: ChannelState) -> bool:
-        """Whether ``channel`` is still subscribed, not left meanwhile."""
-        return self.channels.get(channel.name) is channel
+        """Whether ``channel``'s handlers still hear its events: until the
+        application unsubscribes it. One the server unsubscribed still hears
+        what came before, and the ``@unsubscribed`` that ended it."""
+        return not channel.left
 
     # -- what the application does --------------------------------------
 
@@ -367,8 +450,8 @@ class ClientState:
         channel = self.channels.pop(name, None)
         if channel is None:
             return []
-        channel.subscribed = False
-        channel.wanted = False
+        channel.left = True
+        self._end(channel)
         if not self.connected:
             return []
         return [Send(protocol.dumps({"channel": name, "event": protocol.UNSUBSCRIBE}))]
@@ -387,14 +470,28 @@ class ClientState:
         ref = next(self._refs)
         # Encoded now, so that data that is not JSON fails in the caller.
         text = protocol.dumps({"channel": channel, "event": event, "data": data, "ref": ref})
+        return self._send_or_queue(_Outgoing(ref, text, request))
+
+    def _send_or_queue(self, outgoing: _Outgoing) -> list[Action]:
         self._check_open()
-        outgoing = _Outgoing(ref, text, request)
         if self.connected:
             return [self._transmit(outgoing)]
         if len(self._queue) >= self.max_queue:
             raise QueueFull(f"{len(self._queue)} sends already wait for the connection (max_queue)")
         self._queue.append(outgoing)
         return []
+
+    def fetch_presence(self, channel: str, request: Any) -> list[Action]:
+        """Ask for ``channel``'s members (``@presence``), now if connected,
+        else queued like a send; its :class:`Settle` has a :class:`Presence`,
+        or the server's refusal (``not_subscribed``, ``presence_disabled``).
+
+        :raises ClientClosed: the client is closed.
+        :raises QueueFull: disconnected, with ``max_queue`` sends waiting.
+        """
+        ref = next(self._refs)
+        text = protocol.dumps({"channel": channel, "event": _PRESENCE, "ref": ref})
+        return self._send_or_queue(_Outgoing(ref, text, request))
 
     def withdraw(self, request: Any) -> bool:
         """Forget a send that timed out; ``False`` if it was settled meanwhile."""
@@ -464,6 +561,15 @@ class ClientState:
         if event == protocol.REPLY:
             request = self._answered_send(ref)
             return [] if request is None else [Settle(request, data)]
+        if event == _PRESENCE:
+            request = self._answered_send(ref)
+            return [] if request is None else [Settle(request, Presence.from_wire(data))]
+        if event in (_JOIN, _LEAVE):
+            return self._on_presence_change(channel, event, Member.from_wire(data))
+        if event == protocol.UNSUBSCRIBED and ref is None and isinstance(data, dict):
+            # The server's own (PROTOCOL.md section 8); the answer to ours
+            # has no reason (data null), and its channel is gone already.
+            return self._on_unsubscribed_by_server(channel, Unsubscribed(data.get("reason")))
         if event == protocol.ERROR:
             return self._on_error(ReplyError(data["code"], data["message"], channel), ref)
         if event == protocol.SUBSCRIBED:
@@ -471,7 +577,11 @@ class ClientState:
             if ref is None:
                 return self._on_history_lost(channel, subscribed)
             target = self._answered_subscribe(channel, ref)
-            return [] if target is None else self._on_subscribed(target, subscribed)
+            if target is None:
+                return []
+            snapshot = data.get("presence")
+            members = None if snapshot is None else [Member.from_wire(m) for m in snapshot["members"]]
+            return self._on_subscribed(target, subscribed, members)
         if not protocol.is_valid_event(event):
             # @pong (reading it was the point), the answer to our own
             # @unsubscribe, or a protocol event this client does not know
@@ -515,14 +625,24 @@ class ClientState:
     def lost(self, code: int | None) -> list[Action]:
         """The connection ended with close ``code`` (``None``: without a
         close frame). Sends on the wire fail (the server may have run them,
-        so they are not sent again); queued ones wait for the next."""
+        so they are not sent again); queued ones wait for the next. Every
+        channel's members are gone until its next ``@subscribed``.
+
+        A code from 4500 to 4999 ends the client as :meth:`close` would
+        (no retry, every send fails with :class:`ClientClosed`), its
+        ``disconnect`` with that code; 4001 is retried at once.
+        """
         was_connected = self.connected
         self.connected = False
         self.id = None
         self._connecting_since = self._ping_sent_at = None
+        emptied = []
         for channel in self.channels.values():
             channel.subscribed = False
             channel.subscribe_ref = None
+            if channel.presence.members:
+                channel.presence.members.clear()
+                emptied.append(channel)
         unanswered = list(self._pending.values())
         self._pending.clear()
         if self.closed:
@@ -530,6 +650,11 @@ class ClientState:
         elif code is None:
             code = CLOSE_ABNORMAL
         actions: list[Action] = []
+        terminal = not self.closed and CLOSE_TERMINAL <= code <= 4999
+        if terminal:
+            # The application ended this client (PROTOCOL.md section 8):
+            # as close() would, but reporting the server's code.
+            actions += self.close()
         for outgoing in unanswered:
             error = (
                 ClientClosed("the client was closed before the server answered")
@@ -540,11 +665,21 @@ class ClientState:
         if was_connected:
             if self._clock() - self._connected_at >= STABLE_AFTER:
                 self._attempt = 0
+                self._rushed = False
             actions.append(Emit(None, ("disconnect",), (code,)))
-        elif not self.closed:
+        elif not self.closed or terminal:
             error = ConnectError(f"the connection closed ({code}) before @connected")
             actions.append(Emit(None, ("error",), (error,)))
-        if not self.closed:
+        actions += [_sync(channel) for channel in emptied]
+        if self.closed:
+            return actions
+        if code == CLOSE_RECONNECT_NOW and was_connected and not self._rushed:
+            # The server asks for a reconnect now (e.g. permissions changed):
+            # at once, once; should that fail, or the server ask again before
+            # a connection lasted STABLE_AFTER, the backoff goes on as usual.
+            self._rushed = True
+            actions.append(Retry(0.0))
+        else:
             actions.append(self._retry())
         return actions
 
@@ -621,14 +756,70 @@ class ClientState:
         actions.append(Emit(None, ("error",), (error,)))
         return actions
 
-    def _on_subscribed(self, channel: ChannelState, subscribed: Subscribed) -> list[Action]:
+    def _on_subscribed(
+        self, channel: ChannelState, subscribed: Subscribed, members: list[Member] | None
+    ) -> list[Action]:
         channel.subscribed = True
         if not subscribed.recovered:
             # Nothing replayed: new messages follow this seq. When recovered,
             # the replay that follows moves seq on by itself.
             channel.seq = subscribed.seq
         channel.epoch = subscribed.epoch
-        return [Emit(channel, (protocol.SUBSCRIBED,), (subscribed,))]
+        actions: list[Action] = [Emit(channel, (protocol.SUBSCRIBED,), (subscribed,))]
+        # The snapshot replaces the members, never merged with an older list.
+        # A channel without presence has none (and no sync, unless some left).
+        had_members = bool(channel.presence.members)
+        channel.has_presence = members is not None
+        channel.presence.members.clear()
+        for member in members or ():
+            channel.presence.members[member.id] = member
+        if members is not None or had_members:
+            actions.append(_sync(channel))
+        return actions
+
+    def _on_presence_change(self, name: str | None, event: str, member: Member) -> list[Action]:
+        """An ``@join`` or ``@leave``: one member more or less. The protocol
+        sends no member twice and none it did not list; should one come, it
+        changes nothing."""
+        channel = self.channels.get(name) if name is not None else None
+        if channel is None or not channel.subscribed or not channel.has_presence:
+            return []  # left, not answered yet (the snapshot will count), or no presence
+        members = channel.presence.members
+        if event == _JOIN:
+            if member.id in members:
+                return []
+            members[member.id] = member
+        else:
+            gone = members.pop(member.id, None)
+            if gone is None:
+                return []
+            member = gone  # the very object its join gave
+        return [Emit(channel, (event,), (member,)), _sync(channel)]
+
+    def _on_unsubscribed_by_server(self, name: str | None, unsubscribed: Unsubscribed) -> list[Action]:
+        """The server removed this connection from the channel (PROTOCOL.md
+        section 8): the subscription ends for good, as :meth:`unsubscribe`
+        would, but its handlers hear why (and nothing is sent back)."""
+        channel = self.channels.get(name) if name is not None else None
+        if channel is None or not channel.subscribed:
+            # Left already, or about a subscription before the @subscribe
+            # now on its way, which the server answers by itself.
+            return []
+        del self.channels[channel.name]
+        had_members = bool(channel.presence.members)
+        self._end(channel)
+        actions: list[Action] = [Emit(channel, (protocol.UNSUBSCRIBED,), (unsubscribed,))]
+        if had_members:
+            actions.append(_sync(channel))
+        return actions
+
+    def _end(self, channel: ChannelState) -> None:
+        """The channel's subscription is over, not to be asked for again."""
+        channel.subscribed = False
+        channel.wanted = False
+        channel.subscribe_ref = None
+        channel.has_presence = False
+        channel.presence.members.clear()
 
     def _on_history_lost(self, name: str | None, subscribed: Subscribed) -> list[Action]:
         """An ``@subscribed`` without ``ref``: the channel's history was lost
@@ -652,6 +843,11 @@ class ClientState:
         if message.seq is None:  # to this connection alone
             return [Emit(None, ("message",), (message,))]
         return []  # a broadcast on a channel just left
+
+
+def _sync(channel: ChannelState) -> Emit:
+    """The ``sync`` of a channel's presence, with its whole member list."""
+    return Emit(channel, ("@sync",), (list(channel.presence.members.values()),))
 
 
 def is_channel_event(name: Any) -> bool:

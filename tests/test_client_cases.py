@@ -19,12 +19,15 @@ from flask_robe_sockets.clientstate import (
     ConnectError,
     Drop,
     Emit,
+    Member,
+    Presence,
     QueueFull,
     ReceivedMessage,
     Retry,
     Send,
     Settle,
     Subscribed,
+    Unsubscribed,
     is_channel_event,
     retry_after_seconds,
 )
@@ -54,11 +57,22 @@ class Clock:
         return self.now
 
 
+def member_of(member: Member) -> dict[str, Any]:
+    assert isinstance(member, Member)
+    return {"id": member.id, "identity": member.identity, "info": member.info}
+
+
 def value_of(args: tuple[Any, ...]) -> Any:
     """An emitted value as the cases write it."""
     if not args:
         return None  # connect
     [value] = args
+    if isinstance(value, Member):
+        return member_of(value)
+    if isinstance(value, list):  # a presence sync
+        return [member_of(member) for member in value]
+    if isinstance(value, Unsubscribed):
+        return {"reason": value.reason}
     if isinstance(value, ReceivedMessage):
         return {"channel": value.channel, "event": value.event, "data": value.data, "seq": value.seq}
     if isinstance(value, Subscribed):
@@ -78,7 +92,10 @@ def written(action: Any, names: dict[int, str]) -> dict[str, Any]:
     if isinstance(action, Settle):
         if action.error is not None:
             return {"settle": names[id(action.request)], "error": action.error.code}
-        return {"settle": names[id(action.request)], "result": action.result}
+        result = action.result
+        if isinstance(result, Presence):
+            result = {"members": [member_of(m) for m in result.members], "clients": result.clients, "users": result.users}
+        return {"settle": names[id(action.request)], "result": result}
     if isinstance(action, Retry):
         return {"retry": pytest.approx(action.delay, abs=1e-9)}
     assert isinstance(action, Drop)
@@ -99,6 +116,9 @@ def run(state: ClientState, step: dict[str, Any], requests: dict[str, object]) -
     if do == "send":
         request = requests.setdefault(step["request"], object())
         return state.send(step["channel"], step["event"], step["data"], request)
+    if do == "fetch":
+        request = requests.setdefault(step["request"], object())
+        return state.fetch_presence(step["channel"], request)
     if do == "withdraw":
         assert state.withdraw(requests[step["request"]]) is step["withdrawn"]
         return []
@@ -140,6 +160,10 @@ def test_session(session):
         for name, fields in step.get("channels", {}).items():
             channel: ChannelState = state.channels[name]
             assert {key: getattr(channel, key) for key in fields} == fields, f"{where}: {name}"
+        for name, members in step.get("members", {}).items():
+            held = state.channels[name].presence.members
+            assert [member_of(m) for m in held.values()] == members, f"{where}: {name}'s members"
+            assert list(held) == [m["id"] for m in members], f"{where}: {name}'s members by id"
 
 
 @pytest.mark.parametrize("name", CASES["channel_names"]["valid"])

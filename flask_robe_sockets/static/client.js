@@ -72,6 +72,19 @@ export const CHANNEL_EVENTS = Object.freeze(["@subscribed", "@unsubscribed", "@e
  * channel, whatever its name, as in Robe (never the client's own events). */
 const EVERY_EVENT = "message";
 
+/** What `channel.presence.on()` takes. Their emits are named with `@` in
+ * front, so that no channel handler ever gets them. */
+export const PRESENCE_EVENTS = Object.freeze(["join", "leave", "sync"]);
+const PRESENCE_EMITS = new Set(PRESENCE_EVENTS.map((name) => `@${name}`));
+
+/** The close code by which the server asks for a reconnect now
+ * (PROTOCOL.md section 8): the first attempt waits no backoff. */
+const CLOSE_RECONNECT_NOW = 4001;
+
+/** Whether a close code ends the client, as `close()` would: the
+ * application disconnected it (signed out, banned). */
+const isTerminal = (code) => code >= 4500 && code <= 4999;
+
 const isEventName = (name) => typeof name === "string" && name.length > 0 && name.length <= 64 && !name.startsWith("@");
 
 /** Whether a channel handler may be registered for `name`: an application
@@ -117,10 +130,31 @@ export function retryAfterMs(value) {
   return Number.isFinite(seconds) ? seconds * 1000 : 0;
 }
 
-/** One channel as the state sees it. Only `ClientState` changes it. */
+/** Who is on a channel, as the state sees it. Only `ClientState` changes it. */
+export class PresenceState {
+  constructor() {
+    /** The channel's members by connection id (`{id, identity, info}`), kept
+     * from the snapshot of its last `@subscribed` and every `@join` and
+     * `@leave` since; empty while not subscribed and on a channel without
+     * presence. */
+    this.members = new Map();
+  }
+}
+
+/** A member as the wire gives it. */
+const member = (data) => ({ id: data.id, identity: data.identity ?? null, info: data.info ?? null });
+
+/** One channel as the state sees it. Only `ClientState` changes it.
+ * `presence` holds its members (by default a `PresenceState`). */
 export class ChannelState {
-  constructor(name) {
+  constructor(name, presence = new PresenceState()) {
     this.name = name;
+    this.presence = presence;
+    /** Whether the application left it: its handlers hear nothing more. */
+    this.left = false;
+    /** Whether its last `@subscribed` had presence: only then do `@join`
+     * and `@leave` count. */
+    this.hasPresence = false;
     /** The `seq` of the last broadcast seen, sent as `since` on resubscribe;
      * `null` before the first `@subscribed`. */
     this.seq = null;
@@ -137,6 +171,8 @@ export class ChannelState {
 }
 
 const emit = (channel, names, value) => ({ type: "emit", channel, names, value });
+/** The `sync` of a channel's presence, with its whole member list. */
+const sync = (channel) => emit(channel, ["@sync"], [...channel.presence.members.values()]);
 const settle = (request, result, error = null) => ({ type: "settle", request, result, error });
 
 /**
@@ -162,6 +198,9 @@ export class ClientState {
   #connectedAt = 0;
   #lastHeard = 0;
   #pingSentAt = null;
+  // Whether a 4001 was answered with an immediate reconnect since the last
+  // connection that lasted STABLE_AFTER.
+  #rushed = false;
 
   /**
    * @param {object} [options] the `Client`'s options (delays in ms), and
@@ -188,9 +227,11 @@ export class ClientState {
     return this.#queue.length;
   }
 
-  /** Whether `channel` is still subscribed, not left meanwhile. */
+  /** Whether `channel`'s handlers still hear its events: until the
+   * application unsubscribes it. One the server unsubscribed still hears
+   * what came before, and the `@unsubscribed` that ended it. */
   holds(channel) {
-    return this.channels.get(channel.name) === channel;
+    return !channel.left;
   }
 
   // -- what the application does -----------------------------------------
@@ -236,8 +277,8 @@ export class ClientState {
     const channel = this.channels.get(name);
     if (!channel) return [];
     this.channels.delete(name);
-    channel.wanted = false;
-    channel.subscribed = false;
+    channel.left = true;
+    this.#end(channel);
     return this.connected ? [{ type: "send", text: JSON.stringify({ channel: name, event: "@unsubscribe" }) }] : [];
   }
 
@@ -251,7 +292,20 @@ export class ClientState {
     }
     const ref = ++this.#lastRef;
     // Serialised now, so data that is not JSON fails here, for this caller.
-    const outgoing = { ref, text: JSON.stringify({ channel, event, data, ref }), request };
+    return this.#sendOrQueue({ ref, text: JSON.stringify({ channel, event, data, ref }), request }, channel);
+  }
+
+  /** Ask for `channel`'s members (`@presence`), now if connected, else
+   * queued like a send; its settle has `{members, clients, users}`, or the
+   * server's refusal (`not_subscribed`, `presence_disabled`). Throws
+   * `closed` or `queue_full`. */
+  fetchPresence(channel, request) {
+    if (this.closed) throw new RobeSocketsError("closed", "the client was closed", channel);
+    const ref = ++this.#lastRef;
+    return this.#sendOrQueue({ ref, text: JSON.stringify({ channel, event: "@presence", ref }), request }, channel);
+  }
+
+  #sendOrQueue(outgoing, channel) {
     if (this.connected) return [this.#transmit(outgoing)];
     const { maxQueue } = this.#options;
     if (this.#queue.length >= maxQueue) {
@@ -333,6 +387,21 @@ export class ClientState {
         const target = this.#answeredSubscribe(channel, ref);
         return target ? this.#onSubscribed(target, data) : [];
       }
+      case "@presence": {
+        const request = this.#answeredSend(ref);
+        if (request === undefined) return [];
+        return [settle(request, { members: data.members.map(member), clients: data.clients, users: data.users })];
+      }
+      case "@join":
+      case "@leave":
+        return this.#onPresenceChange(channel, event, member(data));
+      case "@unsubscribed":
+        // The server's own (PROTOCOL.md section 8); the answer to ours has
+        // no reason (data null), and its channel is gone already.
+        if (ref === null && data !== null && typeof data === "object") {
+          return this.#onUnsubscribedByServer(channel, { reason: data.reason ?? null });
+        }
+        return [];
       default:
         // @pong (reading it was the point), the answer to our own
         // @unsubscribe, or a protocol event this client does not know (e.g.
@@ -389,25 +458,47 @@ export class ClientState {
     this.connected = false;
     this.id = null;
     this.#connectingSince = this.#pingSentAt = null;
+    const emptied = [];
     for (const channel of this.channels.values()) {
       channel.subscribed = false;
       channel.subscribeRef = null;
+      if (channel.presence.members.size) {
+        channel.presence.members.clear();
+        emptied.push(channel);
+      }
     }
     if (this.closed) code = 1000;
     code ??= 1006;
+    // The application ended this client (PROTOCOL.md section 8): as close()
+    // would, but reporting the server's code.
+    const terminal = !this.closed && isTerminal(code);
+    const actions = terminal ? this.close() : [];
     const failure = this.closed
       ? () => new RobeSocketsError("closed", "the client was closed")
       : () => new RobeSocketsError("disconnected", "the connection was lost before the answer");
-    const actions = [...this.#pending.values()].map((outgoing) => settle(outgoing.request, null, failure()));
+    for (const outgoing of this.#pending.values()) actions.push(settle(outgoing.request, null, failure()));
     this.#pending.clear();
     if (wasConnected) {
-      if (this.#clock() - this.#connectedAt >= STABLE_AFTER) this.#attempt = 0;
+      if (this.#clock() - this.#connectedAt >= STABLE_AFTER) {
+        this.#attempt = 0;
+        this.#rushed = false;
+      }
       actions.push(emit(null, ["disconnect"], { code, reason }));
-    } else if (!this.closed) {
+    } else if (!this.closed || terminal) {
       actions.push(emit(null, ["error"], new RobeSocketsError("connect_failed",
         `cannot open ${this.#options.url} (close code ${code}${reason ? `: ${reason}` : ""})`)));
     }
-    if (!this.closed) actions.push(this.#retry());
+    for (const channel of emptied) actions.push(sync(channel));
+    if (this.closed) return actions;
+    if (code === CLOSE_RECONNECT_NOW && wasConnected && !this.#rushed) {
+      // The server asks for a reconnect now (e.g. permissions changed): at
+      // once, once; should that fail, or the server ask again before a
+      // connection lasted STABLE_AFTER, the backoff goes on as usual.
+      this.#rushed = true;
+      actions.push({ type: "retry", delay: 0 });
+    } else {
+      actions.push(this.#retry());
+    }
     return actions;
   }
 
@@ -487,7 +578,61 @@ export class ClientState {
     // Without recovery nothing is replayed: the next broadcast follows `seq`.
     // With it, the replay that follows moves `seq` on by itself.
     if (!data.recovered) channel.seq = data.seq;
-    return [emit(channel, ["@subscribed"], { recovered: data.recovered, seq: data.seq, epoch: data.epoch })];
+    const actions = [emit(channel, ["@subscribed"], { recovered: data.recovered, seq: data.seq, epoch: data.epoch })];
+    // The snapshot replaces the members, never merged with an older list. A
+    // channel without presence has none (and no sync, unless some left).
+    const snapshot = data.presence ?? null;
+    const hadMembers = channel.presence.members.size > 0;
+    channel.hasPresence = snapshot !== null;
+    channel.presence.members.clear();
+    for (const one of snapshot?.members ?? []) channel.presence.members.set(one.id, member(one));
+    if (snapshot !== null || hadMembers) actions.push(sync(channel));
+    return actions;
+  }
+
+  /** An `@join` or `@leave`: one member more or less. The protocol sends no
+   * member twice and none it did not list; should one come, it changes
+   * nothing. */
+  #onPresenceChange(name, event, one) {
+    const channel = name === null ? undefined : this.channels.get(name);
+    // Left, not answered yet (the snapshot will count), or no presence.
+    if (!channel || !channel.subscribed || !channel.hasPresence) return [];
+    const { members } = channel.presence;
+    if (event === "@join") {
+      if (members.has(one.id)) return [];
+      members.set(one.id, one);
+    } else {
+      const gone = members.get(one.id);
+      if (gone === undefined) return [];
+      members.delete(one.id);
+      one = gone;  // the very object its join gave
+    }
+    return [emit(channel, [event], one), sync(channel)];
+  }
+
+  /** The server removed this connection from the channel (PROTOCOL.md
+   * section 8): the subscription ends for good, as `unsubscribe()` would,
+   * but its handlers hear why (and nothing is sent back). */
+  #onUnsubscribedByServer(name, value) {
+    const channel = name === null ? undefined : this.channels.get(name);
+    // Left already, or about a subscription before the @subscribe now on its
+    // way, which the server answers by itself.
+    if (!channel || !channel.subscribed) return [];
+    this.channels.delete(channel.name);
+    const hadMembers = channel.presence.members.size > 0;
+    this.#end(channel);
+    const actions = [emit(channel, ["@unsubscribed"], value)];
+    if (hadMembers) actions.push(sync(channel));
+    return actions;
+  }
+
+  /** The channel's subscription is over, not to be asked for again. */
+  #end(channel) {
+    channel.subscribed = false;
+    channel.wanted = false;
+    channel.subscribeRef = null;
+    channel.hasPresence = false;
+    channel.presence.members.clear();
   }
 
   /** An `@subscribed` without `ref`: the channel's history was lost under a
@@ -550,6 +695,44 @@ const emitting = (Base) => class extends Base {
 };
 
 /**
+ * Who is on a channel with presence, as `channel.presence`: `members`, a
+ * `Map` from connection id to `{id, identity, info}`, kept in sync by the
+ * client (empty while not subscribed, and on a channel without presence).
+ *
+ * Events: `"join"` and `"leave"` (the member), `"sync"` (every member, as
+ * an array, after the snapshot of each subscribe and resubscribe and after
+ * every change, an emptying included).
+ */
+export class Presence extends emitting(PresenceState) {
+  #client;
+  #channel;
+
+  constructor(client, channel) {
+    super();
+    this.#client = client;
+    this.#channel = channel;
+  }
+
+  /** Call `fn` on `event`; returns a function that removes it again.
+   * Throws `bad_event` for a name other than `PRESENCE_EVENTS`. */
+  on(event, fn) {
+    if (!PRESENCE_EVENTS.includes(event)) {
+      throw new RobeSocketsError("bad_event",
+        `unknown presence event ${JSON.stringify(event)}: one of ${PRESENCE_EVENTS.join(", ")}`, this.#channel);
+    }
+    return super.on(event, fn);
+  }
+
+  /** Ask the server who is on the channel now (`@presence`). Resolves with
+   * `{members, clients, users}`; rejects with a `RobeSocketsError`
+   * (`not_subscribed`, `presence_disabled`, `timeout`, ...).
+   * @param {{timeout?: number}} [options] ms to wait, queued time included. */
+  fetch(options = {}) {
+    return this.#client._fetchPresence(this.#channel, options);
+  }
+}
+
+/**
  * A channel of a client, as `client.subscribe(name)` returns it.
  *
  * Events: `"message"` (every application event of the channel, whatever
@@ -558,13 +741,23 @@ const emitting = (Base) => class extends Base {
  * (`{recovered, seq, epoch}` after each `@subscribed`, the server's own
  * included when the channel's history was lost: reload the state you show
  * when `recovered` is false), `"@error"` (the subscription was refused; the
- * client's own `"error"` hears it too). The client's own events start with
- * `@`, as application event names cannot.
+ * client's own `"error"` hears it too), `"@unsubscribed"` (`{reason}`: the
+ * server ended the subscription; the channel is not subscribed again, unless
+ * `subscribe(name)` is called again, which makes a new object). The
+ * client's own events start with `@`, as application event names cannot.
+ * Who is on it: `channel.presence` (a `Presence`).
  */
 export class Channel extends emitting(ChannelState) {
   constructor(client, name) {
-    super(name);
+    super(name, new Presence(client, name));
     this.client = client;
+  }
+
+  _emit(event, value) {
+    // The state names presence emits @join, @leave and @sync: they go to
+    // `presence`, never to a channel handler.
+    if (PRESENCE_EMITS.has(event)) this.presence._emit(event.slice(1), value);
+    else super._emit(event, value);
   }
 
   /** Call `fn` on `event`; returns a function that removes it again.
@@ -613,6 +806,11 @@ function defaultPath() {
  * after `@connected`), `"disconnect"` (`{code, reason}`, once per lost
  * connection), `"error"` (a `RobeSocketsError`), `"message"` (messages sent
  * to this connection outside any subscribed channel).
+ *
+ * After a close it did not ask for it reconnects, with backoff, but at once
+ * after 4001 (the server asks for it); a close from 4500 to 4999 (the
+ * application disconnected it: signed out, banned) ends it as `close()`
+ * would, its `"disconnect"` with that code.
  */
 export class Client extends emitting(Object) {
   #state;
@@ -686,8 +884,7 @@ export class Client extends emitting(Object) {
    * unanswered send rejects with code `closed`. */
   close() {
     if (this.#state.closed) return;
-    globalThis.removeEventListener?.("online", this.#onOnline);
-    globalThis.removeEventListener?.("offline", this.#onOffline);
+    this.#release();
     clearTimeout(this.#retryTimer);
     this.#retryTimer = null;
     const ws = this.#ws;
@@ -702,14 +899,24 @@ export class Client extends emitting(Object) {
   // -- carrying out the state's decisions --------------------------------
 
   _request(channel, event, data, options) {
+    return this.#answer((request) => this.#state.send(channel, event, data, request),
+      `${JSON.stringify(event)} on ${JSON.stringify(channel)}`, channel, options);
+  }
+
+  _fetchPresence(channel, options) {
+    return this.#answer((request) => this.#state.fetchPresence(channel, request),
+      `@presence on ${JSON.stringify(channel)}`, channel, options);
+  }
+
+  /** What `start(request)` asked for, as a Promise of its answer. */
+  #answer(start, what, channel, options) {
     return new Promise((resolve, reject) => {
       const request = { resolve, reject, timer: null };
-      const actions = this.#state.send(channel, event, data, request);  // a throw rejects
+      const actions = start(request);  // a throw rejects
       const timeout = options.timeout ?? this.#sendTimeout;
       request.timer = setTimeout(() => {
         if (!this.#state.withdraw(request)) return;
-        reject(new RobeSocketsError("timeout",
-          `no answer to ${JSON.stringify(event)} on ${JSON.stringify(channel)} within ${timeout} ms`, channel));
+        reject(new RobeSocketsError("timeout", `no answer to ${what} within ${timeout} ms`, channel));
       }, timeout);
       this.#perform(actions);
     });
@@ -810,6 +1017,8 @@ export class Client extends emitting(Object) {
     ws.onclose = (event) => {
       this.#detach(ws);
       this.#perform(this.#state.lost(event.code, event.reason));
+      // A close from 4500 to 4999 ended the client, as close() would.
+      if (this.#state.closed) this.#release();
     };
   }
 
@@ -838,6 +1047,12 @@ export class Client extends emitting(Object) {
       throw error;
     }
     return body.ticket;
+  }
+
+  /** What only a client that may reconnect needs. */
+  #release() {
+    globalThis.removeEventListener?.("online", this.#onOnline);
+    globalThis.removeEventListener?.("offline", this.#onOffline);
   }
 
   #detach(ws) {

@@ -68,6 +68,10 @@ function run(state, step, requests) {
       if (!requests.has(step.request)) requests.set(step.request, { label: step.request });
       return state.send(step.channel, step.event, step.data, requests.get(step.request));
     }
+    case "fetch": {
+      if (!requests.has(step.request)) requests.set(step.request, { label: step.request });
+      return state.fetchPresence(step.channel, requests.get(step.request));
+    }
     case "withdraw":
       assert.equal(state.withdraw(requests.get(step.request)), step.withdrawn);
       return [];
@@ -121,6 +125,11 @@ for (const session of CASES.sessions) {
         const channel = state.channels.get(name);
         const seen = Object.fromEntries(Object.keys(fields).map((key) => [key, channel[key]]));
         assert.deepEqual(seen, fields, `${where}: ${name}`);
+      }
+      for (const [name, members] of Object.entries(step.members ?? {})) {
+        const held = state.channels.get(name).presence.members;
+        assert.deepEqual([...held.values()], members, `${where}: ${name}'s members`);
+        assert.deepEqual([...held.keys()], members.map((m) => m.id), `${where}: ${name}'s members by id`);
       }
     });
   });
