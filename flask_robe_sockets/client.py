@@ -474,6 +474,13 @@ class Client:
         return self._state.connected
 
     @property
+    def closed(self) -> bool:
+        """Whether the client is over: by :meth:`close`, or by the server
+        with a close code from 4500 to 4999 (the application disconnected
+        it). It sends nothing more and never reconnects."""
+        return self._state.closed
+
+    @property
     def id(self) -> str | None:
         """The server's id for the current connection, ``None`` while disconnected."""
         return self._state.id

@@ -9,6 +9,7 @@ export declare class RobeSocketsError extends Error {
   readonly code:
     | "bad_frame" | "bad_channel" | "bad_event" | "forbidden" | "unknown_event"
     | "handler_error" | "too_many_subscriptions" | "rate_limited"
+    | "presence_disabled" | "not_subscribed"
     | "timeout" | "queue_full" | "disconnected" | "closed"
     | "ticket_failed" | "unauthorized" | "connect_failed"
     | "bad_position" | "already_subscribed"
@@ -29,6 +30,9 @@ export declare function backoffDelay(
  * cannot start with `@`, so they never collide with one. */
 export declare const CHANNEL_EVENTS: readonly ["@subscribed", "@unsubscribed", "@error"];
 
+/** What `channel.presence.on()` takes. */
+export declare const PRESENCE_EVENTS: readonly ["join", "leave", "sync"];
+
 /** Whether a channel handler may be registered for `name`: an application
  * event name (`"message"` for all of them) or one of `CHANNEL_EVENTS`. */
 export declare function isChannelEvent(name: unknown): boolean;
@@ -37,10 +41,42 @@ export declare function isChannelEvent(name: unknown): boolean;
  * number of seconds (an HTTP-date included). */
 export declare function retryAfterMs(value: string | null | undefined): number;
 
+/** A member of a channel with presence (PROTOCOL.md section 7): one
+ * connection, with its ticket's identity (`null` when anonymous) and what
+ * the application shows others about it (`null` when it gives nothing). */
+export interface Member<I = unknown> {
+  id: string;
+  identity: string | null;
+  info: I | null;
+}
+
+/** The server's answer to `channel.presence.fetch()`. */
+export interface PresenceAnswer<I = unknown> {
+  members: Member<I>[];
+  /** The number of members. */
+  clients: number;
+  /** The number of distinct non-null identities among them. */
+  users: number;
+}
+
+/** Who is on a channel, as `ClientState` sees it; only the state changes it. */
+export declare class PresenceState<I = unknown> {
+  constructor();
+  /** By connection id; from the snapshot of the last `@subscribed` and every
+   * `@join` and `@leave` since; empty while not subscribed and on a channel
+   * without presence. */
+  readonly members: ReadonlyMap<string, Member<I>>;
+}
+
 /** One channel as `ClientState` sees it; only the state changes it. */
 export declare class ChannelState {
-  constructor(name: string);
+  constructor(name: string, presence?: PresenceState);
   readonly name: string;
+  readonly presence: PresenceState;
+  /** The application unsubscribed it: its handlers hear nothing more. */
+  readonly left: boolean;
+  /** Its last `@subscribed` had presence: only then do `@join`/`@leave` count. */
+  readonly hasPresence: boolean;
   readonly seq: number | null;
   readonly epoch: string | null;
   readonly subscribed: boolean;
@@ -53,7 +89,8 @@ export declare class ChannelState {
 /** What `ClientState` answers: the `Client` carries these out, in order. */
 export type Action<R = unknown> =
   | { type: "send"; text: string }
-  /** Call the handlers of each of `names`: the client's own when `channel` is null. */
+  /** Call the handlers of each of `names`: the client's own when `channel` is
+   * null; `@join`, `@leave` and `@sync` are the channel's presence events. */
   | { type: "emit"; channel: ChannelState | null; names: string[]; value: unknown }
   | { type: "settle"; request: R; result: unknown; error: RobeSocketsError | null }
   /** Connect again in `delay` ms. */
@@ -84,6 +121,9 @@ export declare class ClientState<C extends ChannelState = ChannelState, R = unkn
   unsubscribe(name: string): Action<R>[];
   /** Throws `closed`, `bad_event` or `queue_full`. */
   send(channel: string, event: string, data: unknown, request: R): Action<R>[];
+  /** `@presence`, sent or queued like a send; settled with a
+   * `PresenceAnswer` or the server's refusal. Throws `closed` or `queue_full`. */
+  fetchPresence(channel: string, request: R): Action<R>[];
   withdraw(request: R): boolean;
   close(): Action<R>[];
   connecting(): void;
@@ -95,6 +135,8 @@ export declare class ClientState<C extends ChannelState = ChannelState, R = unkn
   pingNow(): Action<R>[];
   /** ms until `tick()` has something to do; `null` for never. */
   waitTime(): number | null;
+  /** A code from 4500 to 4999 closes the state, as `close()` would; 4001
+   * is retried at once. */
   lost(code?: number, reason?: string): Action<R>[];
 }
 
@@ -169,11 +211,40 @@ export interface ChannelEvents {
   /** The subscription was refused (e.g. `forbidden`); the client's
    * `error` event hears it too. */
   "@error": RobeSocketsError;
-  /** The name kept for the server ending the subscription. */
-  "@unsubscribed": { reason: string };
-  /** Any other name: only the application events of that name (`error`
-   * and `subscribed` included: those are application events). */
-  [event: string]: Message | Subscribed | RobeSocketsError | { reason: string };
+  /** The server ended the subscription (PROTOCOL.md section 8), saying why:
+   * it is not subscribed again on reconnect (`subscribe(name)` again makes
+   * a new `Channel`). */
+  "@unsubscribed": Unsubscribed;
+  /** Any other name: only the application events of that name (`error`,
+   * `subscribed` and `join` included: those are application events). */
+  [event: string]: Message | Subscribed | RobeSocketsError | Unsubscribed;
+}
+
+export interface Unsubscribed {
+  reason: string | null;
+}
+
+export interface PresenceEvents<I = unknown> {
+  /** Another connection joined. */
+  join: Member<I>;
+  /** A member left (the object its join gave). */
+  leave: Member<I>;
+  /** Every member, after the snapshot of each (re)subscribe and after every
+   * change, the emptying when the connection is lost included. */
+  sync: Member<I>[];
+}
+
+/** `channel.presence`: who is on the channel, kept in sync by the client. */
+export declare class Presence<I = unknown> implements Emitter<PresenceEvents<I>> {
+  /** By connection id; empty while not subscribed and on a channel without
+   * presence. On reconnect it is replaced by the new snapshot, never merged. */
+  readonly members: ReadonlyMap<string, Member<I>>;
+  /** Throws `bad_event` for a name other than `join`, `leave`, `sync`. */
+  on<K extends keyof PresenceEvents<I>>(event: K, fn: (value: PresenceEvents<I>[K]) => void): () => void;
+  off<K extends keyof PresenceEvents<I>>(event: K, fn: (value: PresenceEvents<I>[K]) => void): void;
+  /** Asks the server (`@presence`); rejects with `not_subscribed`,
+   * `presence_disabled`, `timeout`, ... */
+  fetch(options?: SendOptions): Promise<PresenceAnswer<I>>;
 }
 
 export declare class Channel implements Emitter<ChannelEvents> {
@@ -184,6 +255,8 @@ export declare class Channel implements Emitter<ChannelEvents> {
   readonly seq: number | null;
   readonly epoch: string | null;
   readonly subscribed: boolean;
+  /** Who is on the channel (PROTOCOL.md section 7). */
+  readonly presence: Presence;
   /** Throws `bad_event` for a name starting with `@` other than the client's own. */
   on<K extends keyof ChannelEvents>(event: K, fn: (value: ChannelEvents[K]) => void): () => void;
   off<K extends keyof ChannelEvents>(event: K, fn: (value: ChannelEvents[K]) => void): void;
@@ -193,6 +266,9 @@ export declare class Channel implements Emitter<ChannelEvents> {
 
 export interface ClientEvents {
   connect: { id: string | null };
+  /** After a code from 4500 to 4999 (the application disconnected this
+   * client: signed out, banned) the client is closed and never reconnects;
+   * after 4001 it reconnects at once; after any other, with backoff. */
   disconnect: { code: number; reason: string };
   error: RobeSocketsError;
   /** Messages sent to this connection alone, outside subscribed channels. */

@@ -488,3 +488,125 @@ test("an @subscribed without ref (history lost) fires @subscribed, and the resub
   second.accept();
   assert.deepEqual(second.last("@subscribe").data, { since: 1, epoch: "e2" });
 });
+
+// -- presence and the server's control of connections (PROTOCOL.md 7 and 8)
+
+const ALICE = { id: "c1", identity: "alice", info: { name: "Alice" } };
+const BOB = { id: "x2", identity: "bob", info: null };
+const CAROL = { id: "x3", identity: "carol", info: { name: "Carol" } };
+
+function snapshot(ws, channel, members, { recovered = false } = {}) {
+  const ref = ws.sent.findLast((frame) => frame.event === "@subscribe" && frame.channel === channel).ref;
+  const users = new Set(members.map((m) => m.identity).filter((identity) => identity !== null)).size;
+  ws.receive({ channel, event: "@subscribed", ref, data: { recovered, seq: 0, epoch: "e1",
+    presence: { members, clients: members.length, users } } });
+}
+
+test("presence.members follows the snapshot, @join and @leave, with their events and a sync after each; a reconnect replaces them", async () => {
+  const client = makeClient();
+  const lobby = client.subscribe("room:lobby");
+  const seen = [];
+  for (const name of ["join", "leave", "sync"]) lobby.presence.on(name, (value) => seen.push([name, value]));
+  const app = [];
+  lobby.on("message", (m) => app.push(m));
+  lobby.on("join", (m) => app.push(m));
+  const ws = await socketNumber(1);
+  ws.accept();
+  snapshot(ws, "room:lobby", [ALICE, BOB]);
+  ws.receive({ channel: "room:lobby", event: "@join", data: CAROL });
+  ws.receive({ channel: "room:lobby", event: "@leave", data: BOB });
+  assert.ok(lobby.presence.members instanceof Map);
+  assert.deepEqual([...lobby.presence.members], [["c1", ALICE], ["x3", CAROL]]);
+  assert.deepEqual(seen, [
+    ["sync", [ALICE, BOB]], ["join", CAROL], ["sync", [ALICE, BOB, CAROL]], ["leave", BOB], ["sync", [ALICE, CAROL]],
+  ]);
+  assert.deepEqual(app, [], "presence events never reach the channel's handlers");
+
+  seen.length = 0;
+  ws.drop(1011);
+  assert.equal(lobby.presence.members.size, 0, "empty while not subscribed");
+  const second = await socketNumber(2);
+  second.accept("c2");
+  snapshot(second, "room:lobby", [CAROL, { ...ALICE, id: "c2" }], { recovered: true });
+  assert.deepEqual(seen, [["sync", []], ["sync", [CAROL, { ...ALICE, id: "c2" }]]], "replaced, never merged");
+  assert.deepEqual([...lobby.presence.members.keys()], ["x3", "c2"]);
+  assert.throws(() => lobby.presence.on("message", () => {}), { code: "bad_event" });
+  assert.throws(() => lobby.on("@join", () => {}), { code: "bad_event" });
+});
+
+test("presence.fetch() resolves with the @presence answer and rejects with the server's code, or timeout", async () => {
+  const client = makeClient();
+  const lobby = client.subscribe("room:lobby");
+  const chat = client.subscribe("chat");
+  const queued = lobby.presence.fetch();
+  const ws = await socketNumber(1);
+  ws.accept();
+  const ask = ws.last("@presence");
+  assert.deepEqual(ws.sent.map((f) => f.event), ["@subscribe", "@subscribe", "@presence"], "after the subscribes");
+  assert.deepEqual(ask, { channel: "room:lobby", event: "@presence", ref: ask.ref });
+  const answer = { members: [ALICE, CAROL], clients: 2, users: 2 };
+  ws.receive({ channel: "room:lobby", event: "@presence", ref: ask.ref, data: answer });
+  assert.deepEqual(await queued, answer);
+  const disabled = chat.presence.fetch();
+  ws.receive({ channel: "chat", event: "@error", ref: ws.last("@presence").ref,
+    data: { code: "presence_disabled", message: "no presence on chat" } });
+  await assert.rejects(disabled, { code: "presence_disabled", channel: "chat" });
+  await assert.rejects(lobby.presence.fetch({ timeout: 5 }), { code: "timeout" });
+});
+
+test("a server's @unsubscribed fires @unsubscribed with the reason; the channel is not subscribed again on reconnect", async () => {
+  const client = makeClient();
+  const secret = client.subscribe("room:secret");
+  client.subscribe("chat");
+  const seen = [];
+  secret.on("@unsubscribed", (value) => seen.push(value));
+  secret.on("message", (m) => seen.push(m.data));
+  secret.presence.on("sync", (members) => seen.push(members));
+  const ws = await socketNumber(1);
+  ws.accept();
+  snapshot(ws, "room:secret", [ALICE]);
+  snapshot(ws, "chat", []);
+  ws.receive({ channel: "room:secret", event: "@unsubscribed", data: { reason: "removed from the room" } });
+  ws.receive({ channel: "room:secret", event: "ev", data: "after", seq: 1 });
+  assert.deepEqual(seen, [[ALICE], { reason: "removed from the room" }, []]);
+  assert.equal(secret.subscribed, false);
+  ws.drop(1001);
+  const second = await socketNumber(2);
+  second.accept("c2");
+  assert.deepEqual(second.sent.map((f) => f.channel), ["chat"]);
+  const back = client.subscribe("room:secret");
+  assert.notEqual(back, secret);
+  assert.equal(second.last("@subscribe").channel, "room:secret");
+});
+
+test("a close from 4500 to 4999 ends the client: one disconnect with its code, sends fail with closed, no reconnect", async () => {
+  const client = makeClient();
+  const chat = client.subscribe("chat");
+  const disconnects = [];
+  client.on("disconnect", (info) => disconnects.push(info));
+  const ws = await socketNumber(1);
+  ws.accept();
+  const unanswered = chat.send("echo", 1);
+  ws.drop(4500, "signed out");
+  await assert.rejects(unanswered, { code: "closed" });
+  assert.deepEqual(disconnects, [{ code: 4500, reason: "signed out" }]);
+  await assert.rejects(chat.send("echo", 2), { code: "closed" });
+  assert.throws(() => client.subscribe("news"), { code: "closed" });
+  // Longer than any backoff of makeClient's (at most 4 ms): no second socket.
+  await new Promise((resolve) => setTimeout(resolve, 50));
+  assert.equal(FakeSocket.all.length, 1);
+  client.close();
+  assert.deepEqual(disconnects, [{ code: 4500, reason: "signed out" }]);
+});
+
+test("after a close with 4001 the client reconnects at once, whatever its backoff", async () => {
+  const client = makeClient({ reconnectDelay: 60000, maxReconnectDelay: 60000 });
+  client.subscribe("chat");
+  const ws = await socketNumber(1);
+  ws.accept();
+  ws.receive({ channel: "chat", event: "@subscribed", ref: ws.sent[0].ref, data: { recovered: false, seq: 7, epoch: "e1" } });
+  ws.drop(4001, "permissions changed");
+  const second = await socketNumber(2);
+  second.accept("c2");
+  assert.deepEqual(second.last("@subscribe").data, { since: 7, epoch: "e1" });
+});
