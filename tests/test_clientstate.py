@@ -20,6 +20,8 @@ from flask_robe_sockets.clientstate import (
     ConnectionLost,
     Drop,
     Emit,
+    Member,
+    PresenceState,
     ReceivedMessage,
     Retry,
     Send,
@@ -106,6 +108,32 @@ def test_new_channel_makes_the_channel_objects():
     assert emit.channel is channel
     state.unsubscribe("chat")
     assert not state.holds(channel) and state.subscribe("chat")[0] is not channel
+
+
+def test_a_channel_the_server_unsubscribed_is_still_held_for_its_handlers():
+    """The server's @unsubscribed ends the subscription but not the object's handlers: what came
+    before it and the @unsubscribed itself still reach them (holds), unlike after unsubscribe()."""
+    state = ClientState()
+    channel, _ = state.subscribe("chat")
+    [subscribe] = frames(connected(state))
+    state.receive(json.dumps({"channel": "chat", "event": "@subscribed", "ref": subscribe["ref"],
+                              "data": {"recovered": False, "seq": 0, "epoch": "e1"}}))
+    [emit] = state.receive(json.dumps({"channel": "chat", "event": "@unsubscribed", "data": {"reason": "gone"}}))
+    assert emit.channel is channel and emit.args[0].reason == "gone"
+    assert state.holds(channel) and "chat" not in state.channels and not channel.wanted
+
+
+def test_presence_state_is_the_one_the_channel_was_made_with():
+    """A ChannelState keeps the presence object it is given (the client's ChannelPresence), and the
+    state fills its members."""
+    presence = PresenceState()
+    state = ClientState(new_channel=lambda name: ChannelState(name, presence))
+    channel, _ = state.subscribe("room")
+    [subscribe] = frames(connected(state))
+    state.receive(json.dumps({"channel": "room", "event": "@subscribed", "ref": subscribe["ref"],
+                              "data": {"recovered": False, "seq": 0, "epoch": "e1",
+                                       "presence": {"members": [{"id": "c1"}], "clients": 1, "users": 0}}}))
+    assert channel.presence is presence and presence.members == {"c1": Member("c1", None, None)}
 
 
 def test_anything_heard_puts_the_ping_off():
