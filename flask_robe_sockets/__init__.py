@@ -20,6 +20,7 @@ from .errors import (
 )
 from .extension import RobeSockets
 from .message import Message
+from .presence import Member, Presence
 from .publisher import Publisher
 
 __all__ = [
@@ -29,7 +30,9 @@ __all__ = [
     "ConfigurationError",
     "Connection",
     "Forbidden",
+    "Member",
     "Message",
+    "Presence",
     "ProtocolError",
     "PublishError",
     "Publisher",

@@ -13,6 +13,8 @@ log = logging.getLogger("flask_robe_sockets")
 class Subscriber(Hashable, Protocol):
     """What the hub delivers to: a connection's session."""
 
+    id: str
+
     def push(self, frame: bytes) -> None: ...
 
 
@@ -29,18 +31,28 @@ class Hub:
     cover and makes it a member. From ``begin_join`` on the channel counts
     among its channels.
 
+    Presence events (``deliver_presence``) wait in the same buffer with their
+    presence version, and ``end_join`` hands over those above the version of
+    the joiner's snapshot.
+
     :param metrics: told of each broadcast with its number of members.
+    :param on_leave: called with each subscriber taken off a channel it was
+        on or joining, whatever took it off (presence's one seam for leaves).
     """
 
     def __init__(
-        self, on_first: Callable[[str], None], on_last: Callable[[str], None], metrics: Metrics = NULL
+        self, on_first: Callable[[str], None], on_last: Callable[[str], None], metrics: Metrics = NULL,
+        on_leave: Callable[[Subscriber, str], None] | None = None,
     ) -> None:
         self._members: dict[str, set[Subscriber]] = {}
-        self._joining: dict[str, dict[Subscriber, list[tuple[int, bytes]]]] = {}
+        #: Per joiner, what arrived meanwhile: ``(seq, 0, frame)`` for a
+        #: broadcast, ``(0, version, frame)`` for a presence event.
+        self._joining: dict[str, dict[Subscriber, list[tuple[int, int, bytes]]]] = {}
         self._channels: dict[Subscriber, set[str]] = {}
         self._on_first = on_first
         self._on_last = on_last
         self._metrics = metrics
+        self.on_leave = on_leave
 
     def _in_use(self, channel: str) -> bool:
         return channel in self._members or channel in self._joining
@@ -73,16 +85,23 @@ class Hub:
         if first:
             self._on_first(channel)
 
-    def end_join(self, subscriber: Subscriber, channel: str, last_seq: int) -> None:
-        """Finish a join; ``last_seq`` is the newest broadcast already sent."""
+    def end_join(
+        self, subscriber: Subscriber, channel: str, last_seq: int, presence_version: int | None = None
+    ) -> None:
+        """Finish a join; ``last_seq`` is the newest broadcast already sent,
+        ``presence_version`` the version of the presence snapshot sent (none:
+        every presence event that arrived meanwhile is dropped)."""
         joining = self._joining.get(channel)
         pending = joining.pop(subscriber, None) if joining else None
         if joining is not None and not joining:
             del self._joining[channel]
         if pending is None:  # it left (or disconnected) while joining
             return
-        for seq, frame in pending:
-            if seq > last_seq:
+        for seq, version, frame in pending:
+            if version:
+                if presence_version is not None and version > presence_version:
+                    subscriber.push(frame)
+            elif seq > last_seq:
                 subscriber.push(frame)
         self._members.setdefault(channel, set()).add(subscriber)
 
@@ -104,6 +123,8 @@ class Hub:
             joining.pop(subscriber, None)
             if not joining:
                 del self._joining[channel]
+        if self.on_leave is not None:
+            self.on_leave(subscriber, channel)
         if not self._in_use(channel):
             self._on_last(channel)
 
@@ -128,19 +149,40 @@ class Hub:
         joining = self._joining.get(channel)
         if joining:
             for buffer in tuple(joining.values()):
-                buffer.append((seq, frame))
+                buffer.append((seq, 0, frame))
+
+    def deliver_presence(self, channel: str, version: int, member_id: str, frame: bytes) -> None:
+        """Queue a ``@join`` or ``@leave`` for every local member of ``channel``
+        but the member it is about; joiners get it at ``end_join`` if newer
+        than their snapshot."""
+        members = self._members.get(channel)
+        if members:
+            for subscriber in tuple(members):
+                if subscriber.id == member_id:
+                    continue
+                try:
+                    subscriber.push(frame)
+                except Exception:
+                    log.exception("could not queue a presence event on %r for %s", channel, subscriber)
+        joining = self._joining.get(channel)
+        if joining:
+            for buffer in tuple(joining.values()):
+                buffer.append((0, version, frame))
 
 
 class Channel:
     """A channel of the application, as returned by ``sockets["chat"]``."""
 
-    def __init__(self, name: str, publish: Callable[[str, str, Any], int]) -> None:
+    def __init__(
+        self, name: str, publish: Callable[[str, str, Any], int], presence: Callable[[str], Any] | None = None
+    ) -> None:
         if not protocol.is_valid_channel(name):
             raise ValueError(
                 f"invalid channel name {name!r}: 1 to 128 characters from A-Z a-z 0-9 _ - . : /"
             )
         self.name = name
         self._publish = publish
+        self._presence = presence
 
     def __repr__(self) -> str:
         return f"<Channel {self.name!r}>"
@@ -161,3 +203,13 @@ class Channel:
                 f"invalid event name {event!r}: 1 to 64 characters, not starting with '@'"
             )
         return self._publish(self.name, event, fields if fields else data)
+
+    def presence(self) -> Any:
+        """The channel's members on every worker, as a ``Presence`` (``members``,
+        ``clients``, ``users``); empty on a channel without presence.
+
+        :raises BackendUnavailable: the backend could not be asked.
+        """
+        if self._presence is None:
+            raise TypeError("this channel handle cannot list members")
+        return self._presence(self.name)

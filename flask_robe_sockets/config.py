@@ -102,6 +102,16 @@ class Settings:
     #: (killed) is no longer listed by ``flask robe workers``. Each worker
     #: serving sockets reports itself to a shared backend every third of it.
     worker_ttl: float = 15
+    #: Channels with presence (who is subscribed, ``@join``/``@leave``):
+    #: names, or prefixes ending in ``*`` (``["room:*", "doc:42"]``). Off
+    #: by default: every join and leave of such a channel reaches all its
+    #: subscribers, and each joiner gets the whole member list.
+    presence: tuple[str, ...] = ()
+    #: Seconds within which the members of a worker that died without
+    #: closing its sockets (SIGKILL, a lost machine) vanish, each announced
+    #: with one ``@leave``. With presence on a shared backend, each worker
+    #: reports itself at least every third of it.
+    presence_timeout: float = 30
 
     def __post_init__(self) -> None:
         if not self.path.startswith("/"):
@@ -121,6 +131,21 @@ class Settings:
             raise ConfigurationError(f"ROBE_SOCKETS_WORKER_TTL must be seconds above 0, got {self.worker_ttl!r}")
         if self.allowed_origins is not None:
             object.__setattr__(self, "allowed_origins", tuple(self.allowed_origins))
+        self._check_presence()
+
+    def _check_presence(self) -> None:
+        patterns = self.presence
+        if isinstance(patterns, str) or not isinstance(patterns, (tuple, list)) or not all(
+            isinstance(p, str) and p and len(p) <= 129 for p in patterns
+        ):
+            raise ConfigurationError(
+                "ROBE_SOCKETS_PRESENCE must be a list of channel names or prefixes ending in '*',"
+                f" e.g. ['room:*'], got {patterns!r}"
+            )
+        object.__setattr__(self, "presence", tuple(patterns))
+        timeout = self.presence_timeout
+        if not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0):
+            raise ConfigurationError(f"ROBE_SOCKETS_PRESENCE_TIMEOUT must be seconds above 0, got {timeout!r}")
 
     @property
     def backend(self) -> str:

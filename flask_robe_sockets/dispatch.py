@@ -25,6 +25,7 @@ from .metrics import NULL, Metrics
 
 if TYPE_CHECKING:
     from .connection import Connection
+    from .presence import Roster
     from .session import Session
 
 log = logging.getLogger("flask_robe_sockets")
@@ -44,6 +45,7 @@ class Router:
         self.disconnect_hooks: list[Hook] = []
         self._authorize: Callable[[Connection, str], Any] | None = None
         self._identity_loader: Callable[[], Any] | None = None
+        self._presence_info: Callable[[Connection, str], Any] | None = None
 
     def add_handler(self, channel: str, event: str, handler: Handler) -> None:
         self._handlers.setdefault(event, []).append((channel, handler))
@@ -79,6 +81,24 @@ class Router:
             )
         self._identity_loader = loader
 
+    def set_presence_info(self, hook: Callable[[Connection, str], Any]) -> None:
+        if self._presence_info is not None:
+            raise ConfigurationError(f"a presence_info hook is already set ({self._presence_info.__name__})")
+        self._presence_info = hook
+
+    def presence_info(self, conn: "Connection", channel: str) -> Any:
+        """What the presence_info hook shows of ``conn`` on ``channel``: JSON,
+        or ``None`` without a hook (and when it raised or gave non-JSON: logged)."""
+        if self._presence_info is None:
+            return None
+        try:
+            info = self._presence_info(conn, channel)
+            protocol.dumps(info)
+        except Exception:
+            log.exception("presence_info failed or gave non-JSON for %s on %r: its info is null", conn, channel)
+            return None
+        return info
+
     @property
     def has_identity_loader(self) -> bool:
         return self._identity_loader is not None
@@ -104,6 +124,8 @@ class Dispatcher:
         self.backend = backend
         self.settings = settings
         self.metrics = metrics
+        #: This worker's presence, when the app turned it on for some channels.
+        self.roster: Roster | None = None
 
     def run_hooks(self, hooks: list[Hook], session: "Session") -> None:
         """Run connect or disconnect hooks; one that fails is logged, the rest run."""
@@ -127,6 +149,8 @@ class Dispatcher:
             self.subscribe(session, frame)
         elif event == protocol.UNSUBSCRIBE:
             self.unsubscribe(session, frame)
+        elif event == protocol.PRESENCE:
+            self.presence(session, frame)
         else:
             self.dispatch(session, frame)
 
@@ -161,6 +185,12 @@ class Dispatcher:
         if not rejoin and len(hub.channels_of(session)) >= limit:
             session.answer_error("too_many_subscriptions", f"at most {limit} channels per connection", ref, channel)
             return
+        roster = self.roster if self.roster is not None and self.roster.enabled(channel) else None
+        member = None
+        if roster is not None and not rejoin:
+            member = self._member(session, channel)
+            if not session.open:
+                return
         if not rejoin:
             hub.begin_join(session, channel)
         try:
@@ -175,16 +205,42 @@ class Dispatcher:
             log.warning("cannot subscribe %s to %r: %s: closing with 1011", session.owner, channel, exc)
             session.close(protocol.CLOSE_INTERNAL, "backend unavailable")
             return
-        session.answer(
-            protocol.SUBSCRIBED,
-            {"recovered": recovery.recovered, "seq": recovery.seq, "epoch": recovery.epoch},
-            channel,
-            ref,
-        )
+        answer = {"recovered": recovery.recovered, "seq": recovery.seq, "epoch": recovery.epoch}
+        version = None
+        if roster is not None:
+            if member is None:
+                answer["presence"] = roster.view(channel)
+            else:
+                try:
+                    version, answer["presence"] = roster.join(
+                        session, channel, member, lambda: session.open and hub.has(session, channel)
+                    )
+                except BackendUnavailable as exc:
+                    hub.leave(session, channel)
+                    log.warning("cannot subscribe %s to %r: %s: closing with 1011", session.owner, channel, exc)
+                    session.close(protocol.CLOSE_INTERNAL, "backend unavailable")
+                    return
+        session.answer(protocol.SUBSCRIBED, answer, channel, ref)
         for _, replayed in recovery.frames:
             session.push(replayed)
         if not rejoin:
-            hub.end_join(session, channel, recovery.seq)
+            hub.end_join(session, channel, recovery.seq, version)
+
+    def _member(self, session: "Session", channel: str) -> dict[str, Any]:
+        """The member object of ``session`` on ``channel`` (PROTOCOL.md section 7)."""
+        with self.app.app_context():
+            info = self.router.presence_info(session.owner, channel)
+        return {"id": session.id, "identity": session.owner.identity, "info": info}
+
+    def presence(self, session: "Session", frame: protocol.Frame) -> None:
+        """``@presence``: the members as this connection's events left them."""
+        channel, ref = frame.channel, frame.ref
+        if not self.hub.has(session, channel):
+            session.answer_error("not_subscribed", f"subscribe to {channel!r} first", ref, channel)
+        elif self.roster is None or not self.roster.enabled(channel):
+            session.answer_error("presence_disabled", f"channel {channel!r} has no presence", ref, channel)
+        else:
+            session.answer(protocol.PRESENCE, self.roster.view(channel), channel, ref)
 
     def unsubscribe(self, session: "Session", frame: protocol.Frame) -> None:
         self.hub.leave(session, frame.channel)

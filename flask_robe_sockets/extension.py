@@ -133,6 +133,15 @@ class RobeSockets:
         self.router.set_identity_loader(loader)
         return loader
 
+    def presence_info(self, hook: F) -> F:
+        """Set ``hook(connection, channel) -> JSON or None``: what the other
+        members see of a connection on a channel with presence (a display
+        name, an avatar URL), called once when it joins. A hook that raises
+        or returns something that is not JSON is logged, and that member's
+        ``info`` is ``null``: the join still succeeds."""
+        self.router.set_presence_info(hook)
+        return hook
+
     # -- sending ---------------------------------------------------------
 
     def _server(self) -> SocketServer:

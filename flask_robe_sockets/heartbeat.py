@@ -27,11 +27,16 @@ class Heartbeat:
 
     :param report: what to say, called before each report: a dict of JSON
         values (connections and channels counts).
+    :param interval: seconds between reports, at most a third of ``ttl``
+        (the default); presence's timeout may need them more often.
     """
 
-    def __init__(self, backend: Backend, ttl: float, report: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self, backend: Backend, ttl: float, report: Callable[[], dict[str, Any]], interval: float | None = None
+    ) -> None:
         self._backend = backend
         self._ttl = ttl
+        self._interval = min(ttl / 3, interval) if interval is not None else ttl / 3
         self._report = report
         self._pid: int | None = None
         self._stop = threading.Event()
@@ -69,4 +74,4 @@ class Heartbeat:
                     failing = True
             except Exception:  # a bug here must not end the reports for good
                 log.exception("worker %s could not report itself", worker_id)
-            self._stop.wait(self._ttl / 3)
+            self._stop.wait(self._interval)

@@ -28,9 +28,13 @@ SUBSCRIBED = "@subscribed"
 UNSUBSCRIBED = "@unsubscribed"
 REPLY = "@reply"
 ERROR = "@error"
+#: Presence (PROTOCOL.md section 7): a request and its answer, and the events.
+PRESENCE = "@presence"
+JOIN = "@join"
+LEAVE = "@leave"
 
 #: The reserved events a client may send (PROTOCOL.md section 4).
-CLIENT_REQUESTS = frozenset({SUBSCRIBE, UNSUBSCRIBE, PING})
+CLIENT_REQUESTS = frozenset({SUBSCRIBE, UNSUBSCRIBE, PING, PRESENCE})
 
 MAX_DEPTH = 64
 

@@ -7,6 +7,7 @@ from .backends import Backend, create_backend
 from .channels import Channel
 from .config import DEFAULTS
 from .errors import ConfigurationError
+from .presence import Presence
 
 
 class Publisher:
@@ -54,8 +55,11 @@ class Publisher:
         return f"<Publisher {self.backend!r}>"
 
     def __getitem__(self, name: str) -> Channel:
-        """The channel ``name``, to ``send`` to."""
-        return Channel(name, self.backend.publish)
+        """The channel ``name``, to ``send`` to (or list its ``presence()``)."""
+        return Channel(name, self.backend.publish, self._presence)
+
+    def _presence(self, channel: str) -> Presence:
+        return Presence.from_dicts(self.backend.presence(channel))
 
     def send(self, channel: str, event: str, data: Any = None) -> int:
         """Broadcast ``event`` with ``data`` to ``channel``; returns its ``seq``.

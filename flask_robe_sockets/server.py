@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
+import socket
 from typing import Any
 
 import gevent
@@ -19,12 +21,14 @@ from flask import Flask
 
 from . import protocol
 from .backends import Backend, create_backend
+from .errors import BackendUnavailable
 from .channels import Channel, Hub
 from .config import Settings
 from .connection import Connection
 from .dispatch import Dispatcher, Router
 from .handshake import Slots
 from .heartbeat import Heartbeat
+from .presence import Presence, Roster
 from .metrics import Metrics, create as create_metrics
 from .session import Session
 from .websocket import under_gevent
@@ -58,13 +62,14 @@ class SocketServer:
         self.slots = Slots(settings)
         self.router = router
         self.dispatcher = Dispatcher(app, router, self.hub, self.backend, settings, self.metrics)
+        self._presence_setup()
         #: Open connections of this worker.
         self.connections: set[Connection] = set()
         self.shutting_down = False
         self._shutdown_hooked_pid: int | None = None
         #: Reports this worker to a shared backend (``flask robe workers``).
         self.heartbeat: Heartbeat | None = Heartbeat(
-            self.backend, settings.worker_ttl, self._report
+            self.backend, settings.worker_ttl, self._report, interval=self._report_interval()
         ) if self.backend.shared else None
         # A gunicorn gevent worker imports the app once patched: it reports
         # from the start, idle or not. Elsewhere (--preload, the first
@@ -75,7 +80,7 @@ class SocketServer:
     def channel(self, name: str) -> Channel:
         # Data that is not JSON raises TypeError or ValueError from the
         # backend's one encoding of the frame, before anything is sent.
-        return Channel(name, self.backend.publish)
+        return Channel(name, self.backend.publish, self._presence)
 
     def session(self, identity: Any, remote_addr: str | None) -> Session:
         """A new connection's session (with its public Connection), to ``serve``."""
@@ -108,11 +113,60 @@ class SocketServer:
             self.connections.discard(session.owner)
             self.dispatcher.run_hooks(self.router.disconnect_hooks, session)
 
+    # -- presence (PROTOCOL.md section 7) ------------------------------------
+
+    def _presence_setup(self) -> None:
+        """A roster when the app turned presence on; its leaves ride on the hub's."""
+        self.roster: Roster | None = None
+        self._sweep_pid = 0
+        if self.settings.presence:
+            self.roster = Roster(self.backend, self.hub, self.settings.presence, self._worker_id)
+            self.hub.on_leave = self.roster.leave
+            self.dispatcher.roster = self.roster
+
+    def _presence(self, channel: str) -> Presence:
+        return Presence.from_dicts(self.backend.presence(channel))
+
+    def _worker_id(self) -> str:
+        heartbeat = self.heartbeat
+        if heartbeat is not None and heartbeat.worker_id is not None:
+            return heartbeat.worker_id
+        return f"{socket.gethostname()}:{os.getpid()}:unreported"
+
+    def _report_interval(self) -> float:
+        """Every third of the shortest of WORKER_TTL and, with presence, its timeout."""
+        ttl = self.settings.worker_ttl
+        if self.settings.presence:
+            ttl = min(ttl, self.settings.presence_timeout)
+        return ttl / 3
+
+    def _start_presence_sweep(self) -> None:
+        """Under gevent, one greenlet per worker removes dead workers' members."""
+        pid = os.getpid()
+        if not self.settings.presence or not self.backend.shared or self._sweep_pid == pid:
+            return
+        self._sweep_pid = pid
+        gevent.spawn(self._sweep_presence, pid)
+
+    def _sweep_presence(self, pid: int) -> None:
+        timeout, ttl = self.settings.presence_timeout, self.settings.worker_ttl
+        while os.getpid() == pid and not self.shutting_down:
+            gevent.sleep(timeout / 3 * random.uniform(0.8, 1.0))
+            try:
+                removed = self.backend.sweep_presence(timeout, ttl)
+                if removed:
+                    log.info("removed %d members of workers that stopped reporting", removed)
+            except BackendUnavailable as exc:
+                log.warning("cannot look for dead workers' members: %s", exc)
+            except Exception:
+                log.exception("looking for dead workers' members failed")
+
     # -- this worker's reports -----------------------------------------------
 
     def _start_heartbeat(self) -> None:
         if self.heartbeat is not None and under_gevent():
             self.heartbeat.start()
+            self._start_presence_sweep()
 
     def _report(self) -> dict[str, Any]:
         return {"connections": len(self.connections), "channels": self.hub.channel_count()}

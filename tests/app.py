@@ -114,6 +114,11 @@ def create_app() -> Flask:
             all=sorted(conn.id for conn in sockets.connections),
         )
 
+    @app.get("/presence/<channel>")
+    def presence(channel):
+        """Every worker's members of ``channel``, as ``sockets[channel].presence()`` lists them."""
+        return jsonify(pid=os.getpid(), **sockets[channel].presence().to_dict())
+
     @app.errorhandler(PublishError)
     def publish_failed(exc):
         """A send the backend refused reaches the caller, as an app would report it."""
@@ -260,3 +265,15 @@ def _queue(url):
     from rq import Queue
 
     return Queue(jobs.QUEUE, connection=Redis.from_url(url))
+
+
+@sockets.presence_info
+def presence_info(connection, channel):
+    """Names the member on ``pinfo:*``; raises or gives non-JSON on the bad ones."""
+    if channel.startswith("pinfo:raise"):
+        raise RuntimeError("presence_info failed on purpose")
+    if channel.startswith("pinfo:set"):
+        return {"a set is not JSON"}
+    if channel.startswith("pinfo:"):
+        return {"name": connection.identity, "on": channel}
+    return None

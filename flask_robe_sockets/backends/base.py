@@ -11,9 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..errors import ConfigurationError
+
 #: ``deliver(channel, seq, frame)``: hand a ready WebSocket frame to the
 #: local members of ``channel``.
 Deliver = Callable[[str, int, bytes], None]
+#: ``on_event(channel, version, event, member, frame)``: a presence event
+#: (``@join`` or ``@leave``) with the member's wire form and the ready frame.
+PresenceEvent = Callable[[str, int, str, "dict[str, Any]", bytes], None]
 
 
 @dataclass
@@ -77,6 +82,35 @@ class Backend:
         :raises BackendUnavailable: the backend could not be asked.
         """
         return []
+
+    # -- presence (PROTOCOL.md section 7) ------------------------------------
+
+    def start_presence(self, on_event: PresenceEvent) -> None:
+        """Hand every ``@join`` and ``@leave`` of the channels this worker
+        listens to, on every worker, to ``on_event``, in version order."""
+        self._on_presence = on_event
+
+    def presence_join(self, channel: str, member: dict[str, Any], worker_id: str) -> tuple[int, list[dict[str, Any]]]:
+        """Add ``member`` (its wire form), held by ``worker_id``, to ``channel``
+        and announce its ``@join``, atomically; return the join's version and
+        the members at that version, ``member`` included.
+
+        :raises BackendUnavailable: the join was not recorded.
+        """
+        raise ConfigurationError(f"presence needs the memory or the Redis backend, not {type(self).__name__}")
+
+    def presence_leave(self, channel: str, member_id: str, worker_id: str) -> None:
+        """Remove a member and announce its ``@leave``, atomically; nothing if it is not one."""
+
+    def presence(self, channel: str) -> list[dict[str, Any]]:
+        """Every worker's members of ``channel``, in their wire form."""
+        return []
+
+    def sweep_presence(self, timeout: float, worker_ttl: float) -> int:
+        """Remove the members of workers silent for ``timeout`` seconds,
+        announcing a ``@leave`` for each, each dead worker by exactly one
+        caller; return how many were removed."""
+        return 0
 
     def close(self) -> None:
         """Release connections and background tasks."""

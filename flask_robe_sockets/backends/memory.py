@@ -151,6 +151,13 @@ class MemoryBackend(Backend):
         #: the one it was made in.
         self._pid = 0
         self._origin = os.getpid()
+        #: Presence: each channel's members (by id) and version.
+        self._presence: dict[str, tuple[list[int], dict[str, dict[str, Any]]]] = {}
+        #: Presence events not handed over yet: a leave announced while
+        #: one is handed over (a member closed as slow) waits its turn, so
+        #: every member sees them in version order.
+        self._presence_events: deque[tuple[str, int, str, dict[str, Any]]] = deque()
+        self._announcing = False
 
     @property
     def histories(self) -> int:
@@ -318,6 +325,53 @@ class MemoryBackend(Backend):
                 answer.frames = missed
         return answer
 
+    # -- presence --------------------------------------------------------
+
+    def presence_join(self, channel: str, member: dict[str, Any], worker_id: str) -> tuple[int, list[dict[str, Any]]]:
+        counter, members = self._presence.setdefault(channel, ([0], {}))
+        counter[0] += 1
+        members[member["id"]] = member
+        snapshot = list(members.values())
+        self._announce_presence(channel, counter[0], protocol.JOIN, member)
+        return counter[0], snapshot
+
+    def presence_leave(self, channel: str, member_id: str, worker_id: str) -> None:
+        entry = self._presence.get(channel)
+        if entry is None or member_id not in entry[1]:
+            return
+        counter, members = entry
+        member = members.pop(member_id)
+        counter[0] += 1
+        version = counter[0]
+        if not members:
+            # The version goes with the members: every view of the
+            # channel went with its last local member, this one.
+            del self._presence[channel]
+        self._announce_presence(channel, version, protocol.LEAVE, member)
+
+    def presence(self, channel: str) -> list[dict[str, Any]]:
+        entry = self._presence.get(channel)
+        return list(entry[1].values()) if entry is not None else []
+
+    def _announce_presence(self, channel: str, version: int, event: str, member: dict[str, Any]) -> None:
+        self._presence_events.append((channel, version, event, member))
+        if self._announcing:
+            return
+        self._announcing = True
+        try:
+            while self._presence_events:
+                channel, version, event, member = self._presence_events.popleft()
+                on_event = getattr(self, "_on_presence", None)
+                if on_event is None:
+                    continue
+                frame = ws_frame(protocol.encode(event, member, channel))
+                try:
+                    on_event(channel, version, event, member, frame)
+                except Exception:
+                    log.exception("delivering %s of %s on %r failed", event, member.get("id"), channel)
+        finally:
+            self._announcing = False
+
     # -- tickets ---------------------------------------------------------
 
     def claim_nonce(self, nonce: str, ttl: float) -> bool:
@@ -339,6 +393,18 @@ class MemoryBackend(Backend):
         nonces = self._nonces
         while nonces and next(iter(nonces.values())) <= now:
             nonces.popitem(last=False)
+
+    # -- the application's commands ---------------------------------------
+
+    def control(self, command: dict[str, Any]) -> None:
+        # Applied at once, in the caller's own thread: the one process is
+        # every worker there is. Through JSON, as Redis carries it, so that
+        # both backends hand over the same values.
+        if self._on_control is not None:
+            self._on_control(json.loads(json.dumps(command, allow_nan=False)))
+
+    def listen_control(self, on_control: OnControl) -> None:
+        self._on_control = on_control
 
     # -- housekeeping ----------------------------------------------------
 

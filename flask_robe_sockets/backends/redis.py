@@ -144,6 +144,75 @@ return now
 #: Where the workers report: one Redis Cluster slot for all of them.
 WORKERS_KEY = "robe:{workers}"
 
+# Presence. Per channel: ``robe:{<channel>}:presence``, a hash of the
+# members' wire forms by id; ``robe:{<channel>}:pver``, the presence version,
+# bumped by every join and leave (never reset: a view may still hold an
+# older number); ``robe:{<channel>}:presence:<worker id>``, the ids of the
+# members each worker holds. Per worker: ``robe:{workers}:<id>:presence``,
+# the channels it held members on, added before each join, so that a
+# sweep finds every member of a worker that died. Each join and leave is one
+# script that changes the members, bumps the version and PUBLISHes the event
+# on the channel's pub/sub channel as ``@ <version> <frame JSON>`` (a
+# broadcast starts with its epoch, which never starts with ``@``).
+
+#: KEYS: members, version, the worker's ids. ARGV: id, member JSON, pub/sub
+#: channel, channel name. Returns the version and every member's JSON.
+PRESENCE_JOIN_SCRIPT = """
+local v = redis.call('INCR', KEYS[2])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[1])
+redis.call('PUBLISH', ARGV[3], '@ ' .. v .. ' {"channel":"' .. ARGV[4] .. '","event":"@join","data":' .. ARGV[2] .. '}')
+return {v, redis.call('HVALS', KEYS[1])}
+"""
+
+#: KEYS: members, version, then the ids of each worker whose members leave.
+#: ARGV: pub/sub channel, channel name, then the ids leaving (none: every id
+#: in those sets). Returns how many left.
+PRESENCE_LEAVE_SCRIPT = """
+local ids = {}
+if #ARGV > 2 then
+  for i = 3, #ARGV do table.insert(ids, ARGV[i]) end
+  redis.call('SREM', KEYS[3], unpack(ids))
+else
+  for i = 3, #KEYS do
+    for _, id in ipairs(redis.call('SMEMBERS', KEYS[i])) do table.insert(ids, id) end
+    redis.call('DEL', KEYS[i])
+  end
+end
+local n = 0
+for _, id in ipairs(ids) do
+  local m = redis.call('HGET', KEYS[1], id)
+  if m then
+    redis.call('HDEL', KEYS[1], id)
+    local v = redis.call('INCR', KEYS[2])
+    redis.call('PUBLISH', ARGV[1], '@ ' .. v .. ' {"channel":"' .. ARGV[2] .. '","event":"@leave","data":' .. m .. '}')
+    n = n + 1
+  end
+end
+return n
+"""
+
+#: KEYS: the workers' set. ARGV: presence timeout, worker TTL (ms). Claims
+#: the workers silent for the timeout that still hold members: each one's
+#: list of channels is taken (and deleted) by exactly one caller. Returns
+#: ``id, {channels}`` pairs.
+PRESENCE_CLAIM_SCRIPT = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]) + tonumber(ARGV[2]))
+local claimed = {}
+for _, id in ipairs(dead) do
+  local key = KEYS[1] .. ':' .. id .. ':presence'
+  local channels = redis.call('SMEMBERS', key)
+  if #channels > 0 then
+    redis.call('DEL', key)
+    table.insert(claimed, id)
+    table.insert(claimed, channels)
+  end
+end
+return claimed
+"""
+
 #: Seconds of silence on the pub/sub connection before it is checked with a
 #: PING; no answer within as long again counts as a lost connection.
 KEEPALIVE = 15
@@ -243,6 +312,11 @@ class RedisBackend(Backend):
         self._publish = self.redis.register_script(PUBLISH_SCRIPT)
         self._recover = self.redis.register_script(RECOVER_SCRIPT)
         self._announce = self.redis.register_script(ANNOUNCE_SCRIPT)
+        self._presence_scripts = (
+            self.redis.register_script(PRESENCE_JOIN_SCRIPT),
+            self.redis.register_script(PRESENCE_LEAVE_SCRIPT),
+            self.redis.register_script(PRESENCE_CLAIM_SCRIPT),
+        )
         # Pub/sub is not scoped to a database: name the database in the
         # channel so that apps on two databases of one Redis stay apart.
         db = self._pool.connection_kwargs.get("db", 0)
@@ -349,6 +423,78 @@ class RedisBackend(Backend):
             ) from exc
         finally:
             self._barriers.pop(token, None)
+
+    # -- presence (see PRESENCE_JOIN_SCRIPT) --------------------------------
+
+    def _presence_keys(self, channel: str) -> list[str]:
+        return [f"robe:{{{channel}}}:presence", f"robe:{{{channel}}}:pver"]
+
+    def presence_join(self, channel: str, member: dict[str, Any], worker_id: str) -> tuple[int, list[dict[str, Any]]]:
+        """Record the join; when this worker listens to ``channel``, return
+        only once its listener has handed over every event up to it, so that
+        none at or below the joiner's version reaches it after its snapshot."""
+        keys = self._presence_keys(channel)
+        try:
+            self.redis.sadd(f"{WORKERS_KEY}:{worker_id}:presence", channel)
+            version, values = self._presence_scripts[0](
+                keys=[*keys, f"{keys[0]}:{worker_id}"],
+                args=[member["id"], protocol.dumps(member), self._prefix + channel, channel],
+            )
+        except redis.RedisError as exc:
+            raise BackendUnavailable(f"could not record a member of {channel!r} in Redis: {exc}") from exc
+        if channel in self._subscriptions:
+            try:
+                self._barrier(channel)
+            except BackendUnavailable:
+                self.presence_leave(channel, member["id"], worker_id)
+                raise
+        return int(version), [json.loads(value) for value in values]
+
+    def presence_leave(self, channel: str, member_id: str, worker_id: str) -> None:
+        keys = self._presence_keys(channel)
+        try:
+            self._presence_scripts[1](
+                keys=[*keys, f"{keys[0]}:{worker_id}"], args=[self._prefix + channel, channel, member_id]
+            )
+        except redis.RedisError as exc:
+            raise BackendUnavailable(f"could not record that a member left {channel!r} in Redis: {exc}") from exc
+
+    def presence(self, channel: str) -> list[dict[str, Any]]:
+        try:
+            values = self.redis.hvals(self._presence_keys(channel)[0])
+        except redis.RedisError as exc:
+            raise BackendUnavailable(f"could not read the members of {channel!r} from Redis: {exc}") from exc
+        return [json.loads(value) for value in values]
+
+    def sweep_presence(self, timeout: float, worker_ttl: float) -> int:
+        try:
+            claimed = self._presence_scripts[2](
+                keys=[WORKERS_KEY], args=[int(timeout * 1000), int(worker_ttl * 1000)]
+            )
+            removed = 0
+            for i in range(0, len(claimed), 2):
+                worker_id = claimed[i].decode()
+                for name in claimed[i + 1]:
+                    channel = name.decode()
+                    keys = self._presence_keys(channel)
+                    removed += self._presence_scripts[1](
+                        keys=[*keys, f"{keys[0]}:{worker_id}"], args=[self._prefix + channel, channel]
+                    )
+                log.info("worker %s stopped reporting: its members left", worker_id)
+        except redis.RedisError as exc:
+            raise BackendUnavailable(f"could not remove dead workers' members in Redis: {exc}") from exc
+        return removed
+
+    def _on_presence_message(self, channel: str, payload: bytes) -> None:
+        on_event = getattr(self, "_on_presence", None)
+        if on_event is None:
+            return
+        _, version, text = payload.split(b" ", 2)
+        frame = json.loads(text)
+        try:
+            on_event(channel, int(version), frame["event"], frame["data"], ws_frame(text))
+        except Exception:
+            log.exception("delivering %s on %r failed", frame["event"], channel)
 
     # -- the workers sharing this Redis ------------------------------------
 
@@ -562,6 +708,9 @@ class RedisBackend(Backend):
         channel = name[len(self._prefix):].decode()
         subscription = self._subscriptions.get(channel)
         if subscription is None:  # left while the message was under way
+            return
+        if payload.startswith(b"@ "):
+            self._on_presence_message(channel, payload)
             return
         epoch, seq, text = payload.split(b" ", 2)
         seq = int(seq)

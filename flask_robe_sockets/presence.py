@@ -1,0 +1,210 @@
+"""Presence (PROTOCOL.md section 7): who is subscribed to a channel, on every worker.
+
+:class:`Member` and :class:`Presence` are what the application and the wire
+see. :class:`Roster` is this worker's side: it joins and leaves its
+connections through the backend, which keeps the members of every worker and
+numbers each change (the channel's presence *version*), and it keeps, per
+channel with local members, a *view*: the members as this worker has
+delivered them. A view starts from the backend's snapshot at version V and
+applies each event above V in order, at the moment the event is handed to the
+local members, so a ``@presence`` answer read from it is exactly what those
+members' own snapshot plus events say.
+
+A joiner gets the backend's snapshot at its own join's version V; the hub
+buffers the presence events that arrive while it joins, with their version,
+and hands over only those above V (``Hub.end_join``), as it does for
+recovery's broadcasts.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from . import protocol
+from .backends import Backend
+from .channels import Hub, Subscriber
+
+log = logging.getLogger("flask_robe_sockets")
+
+
+@dataclass(frozen=True)
+class Member:
+    """One connection subscribed to a presence channel."""
+
+    #: The connection's id.
+    id: str
+    #: The ticket's identity, or ``None``.
+    identity: Any
+    #: What ``presence_info`` said for that connection on that channel, or ``None``.
+    info: Any
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire form: ``{"id": ..., "identity": ..., "info": ...}``."""
+        return {"id": self.id, "identity": self.identity, "info": self.info}
+
+    @classmethod
+    def from_dict(cls, value: dict[str, Any]) -> "Member":
+        return cls(value["id"], value.get("identity"), value.get("info"))
+
+
+@dataclass(frozen=True)
+class Presence:
+    """A channel's members: ``members``, ``clients`` (how many) and ``users``
+    (how many distinct non-null identities: two tabs of one user count once)."""
+
+    members: tuple[Member, ...]
+    clients: int
+    users: int
+
+    @classmethod
+    def of(cls, members: Iterable[Member]) -> "Presence":
+        members = tuple(members)
+        users = len({_hashable(m.identity) for m in members if m.identity is not None})
+        return cls(members, len(members), users)
+
+    @classmethod
+    def from_dicts(cls, members: Iterable[dict[str, Any]]) -> "Presence":
+        return cls.of(Member.from_dict(m) for m in members)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire form: ``{"members": [...], "clients": n, "users": u}``."""
+        return {"members": [m.to_dict() for m in self.members], "clients": self.clients, "users": self.users}
+
+
+def _hashable(identity: Any) -> Any:
+    # Identities are JSON: a dict or list identity is counted by its encoding.
+    return identity if isinstance(identity, (str, int, float, bool)) else json.dumps(identity, sort_keys=True)
+
+
+def matches(patterns: tuple[str, ...], channel: str) -> bool:
+    """Whether ``channel`` is named by ``patterns`` (names, or prefixes ending in ``*``)."""
+    return any(p == channel or (p.endswith("*") and channel.startswith(p[:-1])) for p in patterns)
+
+
+class _View:
+    """This worker's picture of one channel's members."""
+
+    __slots__ = ("members", "version", "pending", "users")
+
+    def __init__(self) -> None:
+        self.members: dict[str, dict[str, Any]] = {}
+        #: ``None`` until the first snapshot arrived; events meanwhile wait in ``pending``.
+        self.version: int | None = None
+        self.pending: list[tuple[int, str, dict[str, Any]]] = []
+        #: Local presence members plus joins under way: the view goes at 0.
+        self.users = 0
+
+    def apply(self, version: int, event: str, member: dict[str, Any]) -> None:
+        if self.version is None:
+            self.pending.append((version, event, member))
+            return
+        if version <= self.version:
+            return
+        self.version = version
+        if event == protocol.JOIN:
+            self.members[member["id"]] = member
+        else:
+            self.members.pop(member["id"], None)
+
+    def start(self, version: int, members: list[dict[str, Any]]) -> None:
+        if self.version is not None:
+            return
+        self.version = version
+        self.members = {m["id"]: m for m in members}
+        pending, self.pending = self.pending, []
+        for args in pending:
+            self.apply(*args)
+
+
+class Roster:
+    """This worker's presence: its members' joins and leaves, and its views.
+
+    :param patterns: the channels with presence (ROBE_SOCKETS_PRESENCE).
+    :param worker_id: this worker's id, as its heartbeat reports it, so that
+        a surviving worker can remove the members of one that died.
+    """
+
+    def __init__(self, backend: Backend, hub: Hub, patterns: tuple[str, ...], worker_id: Callable[[], str]) -> None:
+        self._backend = backend
+        self._hub = hub
+        self._patterns = tuple(patterns)
+        self._worker_id = worker_id
+        #: Each local member's wire form and the worker id it joined with,
+        #: per presence channel.
+        self._local: dict[str, dict[Subscriber, tuple[dict[str, Any], str]]] = {}
+        self._views: dict[str, _View] = {}
+        backend.start_presence(self.on_event)
+
+    def enabled(self, channel: str) -> bool:
+        return bool(self._patterns) and matches(self._patterns, channel)
+
+    def join(self, subscriber: Subscriber, channel: str, member: dict[str, Any],
+             still_on: Callable[[], bool]) -> tuple[int, dict[str, Any]]:
+        """Make ``subscriber`` a member; return its join's version and the
+        snapshot (the wire form) taken with it.
+
+        :raises BackendUnavailable: the backend could not record it.
+        """
+        view = self._views.get(channel)
+        if view is None:
+            view = self._views[channel] = _View()
+        view.users += 1
+        worker_id = self._worker_id()
+        try:
+            version, members = self._backend.presence_join(channel, member, worker_id)
+        except BaseException:
+            self._release(channel, view)
+            raise
+        view.start(version, members)
+        if still_on():
+            self._local.setdefault(channel, {})[subscriber] = (member, worker_id)
+        else:
+            # It left (or closed) while the backend recorded the join: its
+            # leave found nothing to remove, so it is removed now.
+            self._release(channel, view)
+            self._leave(channel, member, worker_id)
+        return version, Presence.from_dicts(members).to_dict()
+
+    def leave(self, subscriber: Subscriber, channel: str) -> None:
+        """The hub took ``subscriber`` off ``channel``: if it was a member, it leaves."""
+        local = self._local.get(channel)
+        if local is None:
+            return
+        entry = local.pop(subscriber, None)
+        if entry is None:
+            return
+        if not local:
+            del self._local[channel]
+        view = self._views.get(channel)
+        if view is not None:
+            self._release(channel, view)
+        self._leave(channel, *entry)
+
+    def _leave(self, channel: str, member: dict[str, Any], worker_id: str) -> None:
+        try:
+            self._backend.presence_leave(channel, member["id"], worker_id)
+        except Exception:
+            log.exception("could not record that %s left %r", member["id"], channel)
+
+    def _release(self, channel: str, view: _View) -> None:
+        view.users -= 1
+        if view.users <= 0 and self._views.get(channel) is view:
+            del self._views[channel]
+
+    def view(self, channel: str) -> dict[str, Any]:
+        """The members as this worker delivered them (the wire form), for ``@presence``."""
+        view = self._views.get(channel)
+        return Presence.from_dicts(view.members.values() if view is not None else ()).to_dict()
+
+    def presence(self, channel: str) -> Presence:
+        """Every worker's members of ``channel``, from the backend."""
+        return Presence.from_dicts(self._backend.presence(channel))
+
+    def on_event(self, channel: str, version: int, event: str, member: dict[str, Any], frame: bytes) -> None:
+        """The backend's delivery of one ``@join`` or ``@leave`` (in version order)."""
+        view = self._views.get(channel)
+        if view is not None:
+            view.apply(version, event, member)
+        self._hub.deliver_presence(channel, version, member["id"], frame)
