@@ -15,6 +15,7 @@ Settings changed from the defaults, for the benchmark's sake only:
 
 ``BENCH_METRICS=1`` (the ``robe-metrics`` server of ``bench/run.py``) turns
 ``ROBE_SOCKETS_METRICS`` on, to measure what counting for Prometheus costs.
+``BENCH_PRESENCE=1`` (``bench/presence.py``) turns presence on for ``presence:*``.
 """
 import os
 
@@ -36,6 +37,8 @@ app.config.update(
     ROBE_SOCKETS_REDIS_URL=os.environ.get("BENCH_REDIS_URL"),
     # Set by bench/run.py for the metrics-on variant.
     ROBE_SOCKETS_METRICS=bool(os.environ.get("BENCH_METRICS")),
+    # Set by bench/presence.py: presence on its channels only, never on "bench".
+    ROBE_SOCKETS_PRESENCE=("presence:*",) if os.environ.get("BENCH_PRESENCE") else (),
 )
 sockets = RobeSockets(app)
 
