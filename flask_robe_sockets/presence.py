@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable
 from . import protocol
 from .backends import Backend
 from .channels import Hub, Subscriber
+from .frames import ws_frame
 
 log = logging.getLogger("flask_robe_sockets")
 
@@ -135,7 +136,7 @@ class Roster:
         #: per presence channel.
         self._local: dict[str, dict[Subscriber, tuple[dict[str, Any], str]]] = {}
         self._views: dict[str, _View] = {}
-        backend.start_presence(self.on_event)
+        backend.start_presence(self.on_event, self.resync)
 
     def enabled(self, channel: str) -> bool:
         return bool(self._patterns) and matches(self._patterns, channel)
@@ -206,5 +207,27 @@ class Roster:
         """The backend's delivery of one ``@join`` or ``@leave`` (in version order)."""
         view = self._views.get(channel)
         if view is not None:
+            if view.version is not None and version <= view.version:
+                return  # already in the view (a resync's snapshot): its members had it
             view.apply(version, event, member)
         self._hub.deliver_presence(channel, version, member["id"], frame)
+
+    def resync(self, channel: str) -> None:
+        """Events of ``channel`` may have been lost (the backend was out of
+        reach): read its members and version, and hand this worker's members
+        the difference as ``@leave``s and ``@join``s, so their views stay exact."""
+        view = self._views.get(channel)
+        if view is None or view.version is None:
+            return
+        version, members = self._backend.presence_snapshot(channel)
+        if version <= view.version:
+            return
+        current = {m["id"]: m for m in members}
+        changes = [(protocol.LEAVE, m) for i, m in view.members.items() if current.get(i) != m]
+        changes += [(protocol.JOIN, m) for i, m in current.items() if view.members.get(i) != m]
+        view.members, view.version = current, version
+        if changes:
+            log.warning("presence events of %r were lost meanwhile: sent %d as a difference", channel, len(changes))
+        for event, member in changes:
+            frame = ws_frame(protocol.encode(event, member, channel))
+            self._hub.deliver_presence(channel, version, member["id"], frame)

@@ -396,3 +396,37 @@ def test_member_and_presence_objects():
     }
     with pytest.raises(Exception):
         members[0].id = "x"
+
+
+def test_events_lost_while_cut_off_from_redis_reach_members_as_a_difference(redis_pair, redis_url):
+    """A join and a leave published while a worker's pub/sub connection is down
+    reach its members once it is back (as the difference to its view), once each."""
+    from flask_robe_sockets.backends.redis import RedisBackend
+
+    channel = fresh()
+    observer = Client(redis_pair[1])
+    backend = RedisBackend(redis_url)
+    admin = redis.Redis.from_url(redis_url)
+    try:
+        gone = {"id": "gone-member", "identity": "ghost", "info": None}
+        backend.presence_join(channel, gone, "test-process")
+        assert ids(observer.subscribe(channel)["presence"]) == {observer.id, "gone-member"}
+        ghost = {"id": "new-member", "identity": "ghost", "info": {"n": 1}}
+        # Every listener loses its connection, and the join and leave happen
+        # before any can be back (the first retry waits at least 50 ms).
+        assert admin.client_kill_filter(_type="pubsub") >= 1
+        backend.presence_join(channel, ghost, "test-process")
+        backend.presence_leave(channel, "gone-member", "test-process")
+        got = sorted((observer.next_event(timeout=10), observer.next_event(timeout=10)), key=lambda f: f["event"])
+        assert got == [
+            {"channel": channel, "event": "@join", "data": ghost},
+            {"channel": channel, "event": "@leave", "data": gone},
+        ]
+        assert observer.flush() == []
+        assert ids(observer.request("@presence", channel)["data"]) == {observer.id, "new-member"}
+        backend.presence_leave(channel, "new-member", "test-process")
+        assert observer.next_event()["event"] == "@leave"
+    finally:
+        observer.close()
+        backend.close()
+        admin.close()

@@ -85,10 +85,17 @@ class Backend:
 
     # -- presence (PROTOCOL.md section 7) ------------------------------------
 
-    def start_presence(self, on_event: PresenceEvent) -> None:
+    def start_presence(self, on_event: PresenceEvent, on_resync: Callable[[str], None] | None = None) -> None:
         """Hand every ``@join`` and ``@leave`` of the channels this worker
-        listens to, on every worker, to ``on_event``, in version order."""
+        listens to, on every worker, to ``on_event``, in version order; when
+        some may have been lost (the backend was out of reach), call
+        ``on_resync(channel)`` for each channel listened to, before any later event."""
         self._on_presence = on_event
+        self._on_presence_resync = on_resync
+
+    def presence_snapshot(self, channel: str) -> tuple[int, list[dict[str, Any]]]:
+        """The channel's presence version and its members at that version, read together."""
+        raise ConfigurationError(f"presence needs the memory or the Redis backend, not {type(self).__name__}")
 
     def presence_join(self, channel: str, member: dict[str, Any], worker_id: str) -> tuple[int, list[dict[str, Any]]]:
         """Add ``member`` (its wire form), held by ``worker_id``, to ``channel``

@@ -192,6 +192,11 @@ end
 return n
 """
 
+#: KEYS: members, version. Returns the version and every member's JSON.
+PRESENCE_SNAPSHOT_SCRIPT = """
+return {tonumber(redis.call('GET', KEYS[2]) or '0'), redis.call('HVALS', KEYS[1])}
+"""
+
 #: KEYS: the workers' set. ARGV: presence timeout, worker TTL (ms). Claims
 #: the workers silent for the timeout that still hold members: each one's
 #: list of channels is taken (and deleted) by exactly one caller. Returns
@@ -316,6 +321,7 @@ class RedisBackend(Backend):
             self.redis.register_script(PRESENCE_JOIN_SCRIPT),
             self.redis.register_script(PRESENCE_LEAVE_SCRIPT),
             self.redis.register_script(PRESENCE_CLAIM_SCRIPT),
+            self.redis.register_script(PRESENCE_SNAPSHOT_SCRIPT),
         )
         # Pub/sub is not scoped to a database: name the database in the
         # channel so that apps on two databases of one Redis stay apart.
@@ -458,6 +464,25 @@ class RedisBackend(Backend):
             )
         except redis.RedisError as exc:
             raise BackendUnavailable(f"could not record that a member left {channel!r} in Redis: {exc}") from exc
+
+    def presence_snapshot(self, channel: str) -> tuple[int, list[dict[str, Any]]]:
+        try:
+            version, values = self._presence_scripts[3](keys=self._presence_keys(channel))
+        except redis.RedisError as exc:
+            raise BackendUnavailable(f"could not read the members of {channel!r} from Redis: {exc}") from exc
+        return int(version), [json.loads(value) for value in values]
+
+    def _resync_presence(self) -> None:
+        """After a reconnect: events published meanwhile never reached this
+        worker, so each channel's view is brought up to Redis's members."""
+        on_resync = getattr(self, "_on_presence_resync", None)
+        if on_resync is None:
+            return
+        for channel in list(self._subscriptions):
+            try:
+                on_resync(channel)
+            except Exception:
+                log.exception("bringing the members of %r up to date failed", channel)
 
     def presence(self, channel: str) -> list[dict[str, Any]]:
         try:
@@ -670,6 +695,7 @@ class RedisBackend(Backend):
                         subscription.ready.set()
             if held is not None and not waiting:
                 self._fill_gaps()
+                self._resync_presence()
                 for name, payload in held:
                     self._on_message(name, payload)
                 for token in passed:
