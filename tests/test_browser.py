@@ -357,3 +357,74 @@ def test_with_redis_messages_go_through_an_rq_worker(chat, redis_server):
     assert text in [entry["text"] for entry in alice.evaluate(
         "async () => (await (await fetch('/rooms/lobby/messages')).json()).messages"
     )]
+
+
+def test_browser_client_presence_and_a_terminal_close(browser):
+    """In a real browser, the client's presence follows a scripted server's snapshot, @join and
+    @leave (sync after each, "message" handlers never), and a close with 4500 ends it: one
+    disconnect with the code, no reconnect, subscribe() refused with closed."""
+    import json
+
+    from .test_client import ScriptedServer
+
+    def member(id, identity):
+        return {"id": id, "identity": identity, "info": None}
+
+    def script(ws, number):
+        frame = fake.read(ws, number)
+        members = [member("c1", "alice"), member("x2", "bob")]
+        ws.send(json.dumps({"channel": "room:lobby", "event": "@subscribed", "ref": frame["ref"], "data": {
+            "recovered": False, "seq": 0, "epoch": "e1",
+            "presence": {"members": members, "clients": 2, "users": 2}}}))
+        ws.send(json.dumps({"channel": "room:lobby", "event": "@join", "data": member("x3", "carol")}))
+        ws.send(json.dumps({"channel": "room:lobby", "event": "@leave", "data": member("x2", "bob")}))
+        ask = fake.read(ws, number)  # presence.fetch(), once the page saw the leave
+        ws.send(json.dumps({"channel": "room:lobby", "event": "@presence", "ref": ask["ref"],
+                            "data": {"members": [member("c1", "alice"), member("x3", "carol")], "clients": 2, "users": 2}}))
+        fake.read(ws, number)  # the page's "done"
+        ws.close(4500, "signed out")
+
+    page_html = """<!doctype html><script type="module">
+      import { Client } from "/client.js";
+      const seen = window.seen = [];
+      const client = window.client = new Client({ url: "/ops", ticketUrl: null, reconnectDelay: 1, maxReconnectDelay: 1 });
+      client.on("disconnect", ({ code, reason }) => seen.push(["disconnect", code, reason]));
+      const room = client.subscribe("room:lobby");
+      room.on("message", (m) => seen.push(["message", m.event]));
+      room.presence.on("join", (m) => seen.push(["join", m.id]));
+      room.presence.on("leave", async (m) => {
+        seen.push(["leave", m.id]);
+        const answer = await room.presence.fetch({ timeout: 5000 });
+        seen.push(["fetched", answer.users, answer.members.map((one) => one.id)]);
+        room.send("done").catch((error) => seen.push(["send", error.code]));
+      });
+      room.presence.on("sync", (members) => seen.push(["sync", members.map((one) => one.id)]));
+    </script>"""
+    js = (ROOT / "flask_robe_sockets" / "static" / "client.js").read_text()
+    fake = ScriptedServer(script, files={"/": ("text/html", page_html), "/client.js": ("text/javascript", js)})
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        errors = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(fake.url + "/")
+        page.wait_for_function("window.seen && window.seen.some((e) => e[0] === 'send')", timeout=15_000)
+        seen = page.evaluate("window.seen")
+        assert seen == [
+            ["sync", ["c1", "x2"]],
+            ["join", "x3"], ["sync", ["c1", "x2", "x3"]],
+            ["leave", "x2"], ["sync", ["c1", "x3"]],
+            ["fetched", 2, ["c1", "x3"]],
+            ["disconnect", 4500, "signed out"],
+            ["sync", []],
+            ["send", "closed"],  # the unanswered send, rejected as the client ended
+        ], seen
+        assert page.evaluate("""() => { try { client.subscribe("news"); return "subscribed"; }
+                                        catch (error) { return error.code; } }""") == "closed"
+        assert errors == []
+        frames = [fake.next_frame(timeout=0) for _ in range(3)]
+        assert [(number, frame["event"]) for number, frame in frames] == [(1, "@subscribe"), (1, "@presence"), (1, "done")]
+        assert fake.received.empty()
+    finally:
+        context.close()
+        fake.close()

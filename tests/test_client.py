@@ -517,18 +517,32 @@ class ScriptedServer:
     ``script(ws, number)`` runs for each connection (``number`` from 1),
     with a ``websockets`` server connection already past ``@connected``;
     every frame clients sent is put on :attr:`received` as ``(number, frame)``.
+    ``files`` maps paths to ``(content type, text)`` answered to plain HTTP
+    GETs (a page and the browser client, on the socket's own origin).
     """
 
-    def __init__(self, script) -> None:
+    def __init__(self, script, files: dict[str, tuple[str, str]] | None = None) -> None:
         from websockets.sync.server import serve
 
         self.received: queue.Queue = queue.Queue()
         self._script = script
+        self._files = files or {}
         self._count = itertools.count(1)
-        self._server = serve(self._serve, "127.0.0.1", 0)
+        self._server = serve(self._serve, "127.0.0.1", 0, process_request=self._http)
+        self.url = f"http://127.0.0.1:{self._server.socket.getsockname()[1]}"
         self.ws_url = f"ws://127.0.0.1:{self._server.socket.getsockname()[1]}/ops"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
+
+    def _http(self, connection, request):
+        """A GET that is no WebSocket handshake gets one of ``files``, or 404."""
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return None
+        content_type, text = self._files.get(request.path, ("text/plain", "not found"))
+        response = connection.respond(200 if request.path in self._files else 404, text)
+        del response.headers["Content-Type"]
+        response.headers["Content-Type"] = content_type
+        return response
 
     def _serve(self, ws) -> None:
         number = next(self._count)
