@@ -53,6 +53,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         # for an afternoon still works.
         WTF_CSRF_TIME_LIMIT=None,
         ROBE_SOCKETS_REDIS_URL=chat.REDIS_URL,
+        # Each room shows who is in it: @subscribed lists the room's members,
+        # then @join and @leave keep every page's list current.
+        ROBE_SOCKETS_PRESENCE=["room:*"],
     )
     app.config.update(config or {})
     if not app.config["SECRET_KEY"]:

@@ -210,6 +210,21 @@ def test_authorize_opens_rooms_and_only_ones_own_private_channel():
         assert refused.value.code == "forbidden"
 
 
+def test_rooms_show_who_is_online():
+    """A room's @subscribed lists its members and the others hear of joins and
+    leaves; two tabs of one person are two members and one user."""
+    with sockets.test_client(app, identity="alice") as tab1, sockets.test_client(app, identity="alice") as tab2:
+        assert tab1.subscribe("room:lobby")["presence"]["users"] == 1
+        with sockets.test_client(app, identity="bob") as bob:
+            presence = bob.subscribe("room:lobby")["presence"]
+            assert presence["clients"] == 2 and presence["users"] == 2
+            assert {m["identity"] for m in presence["members"]} == {"alice", "bob"}
+            tab2.subscribe("room:lobby")
+            assert [(f["event"], f["data"]["identity"]) for f in bob.received()] == [("@join", "alice")]
+        assert [f["event"] for f in tab1.received()] == ["@join", "@join", "@leave"]
+        assert "presence" not in tab1.subscribe("user:alice")
+
+
 def test_handler_checks_the_text_and_hands_it_to_the_job(monkeypatch):
     """The handler answers at once and leaves the broadcast to the job."""
     jobs = []

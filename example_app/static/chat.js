@@ -9,6 +9,7 @@ const template = document.getElementById("message-template");
 const status = document.getElementById("status");
 const notice = document.getElementById("notice");
 const mentions = document.getElementById("mentions");
+const online = document.getElementById("online");
 const form = document.getElementById("compose");
 const input = form.elements.text;
 
@@ -102,6 +103,22 @@ channel.on("@subscribed", async ({ recovered }) => {
   messages.forEach(show);
   if (again) say("Back online: the room's recent messages were reloaded.");
 });
+
+// Who is in the room: distinct people (two tabs of one person show once),
+// from presence, which the server keeps for every tab on every worker.
+function showOnline() {
+  const names = new Set();
+  for (const member of channel.presence.members.values()) {
+    if (member.identity) names.add(member.identity);
+  }
+  online.replaceChildren(...[...names].sort().map((name) => {
+    const item = document.createElement("li");
+    item.textContent = name;
+    item.classList.toggle("me", name === user);
+    return item;
+  }));
+}
+for (const event of ["sync", "join", "leave"]) channel.presence.on(event, showOnline);
 
 const inbox = client.subscribe(`user:${user}`);
 inbox.on("mention", ({ data }) => {
