@@ -430,3 +430,45 @@ def test_events_lost_while_cut_off_from_redis_reach_members_as_a_difference(redi
         observer.close()
         backend.close()
         admin.close()
+
+
+def test_memory_backend_numbers_and_delivers_in_order_under_threads():
+    """Joins and leaves from many threads (as under flask run): each gets its own
+    version, events are handed over in version order, the listing ends exact."""
+    import sys
+
+    from flask_robe_sockets.backends.memory import MemoryBackend
+
+    backend = MemoryBackend()
+    seen: list[tuple[int, str, str]] = []
+    returned: list[int] = []
+    backend.start_presence(lambda channel, version, event, member, frame: seen.append((version, event, member["id"])))
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+
+    def churn(n: int) -> None:
+        for i in range(300):
+            member = {"id": f"{n}-{i % 3}", "identity": n, "info": None}
+            if i % 2 == 0:
+                returned.append(backend.presence_join("room:t", member, "w")[0])
+            else:
+                backend.presence_leave("room:t", member["id"], "w")
+
+    # One member stays throughout: the channel never empties (which starts its count again).
+    returned.append(backend.presence_join("room:t", {"id": "stays", "identity": None, "info": None}, "w")[0])
+    try:
+        threads = [threading.Thread(target=churn, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    finally:
+        sys.setswitchinterval(interval)
+    versions = [version for version, _, _ in seen]
+    assert versions == list(range(1, len(seen) + 1))
+    assert sorted(returned) == sorted(v for v, event, _ in seen if event == "@join")
+    members: set[str] = set()
+    for _, event, member in seen:
+        assert (member in members) == (event == "@leave"), (event, member)
+        (members.add if event == "@join" else members.discard)(member)
+    assert {m["id"] for m in backend.presence("room:t")} == members

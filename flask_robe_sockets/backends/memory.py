@@ -158,6 +158,10 @@ class MemoryBackend(Backend):
         #: every member sees them in version order.
         self._presence_events: deque[tuple[str, int, str, dict[str, Any]]] = deque()
         self._announcing = False
+        # Held around a join or leave and its delivery, so that with threads
+        # (``flask run``) each is seen whole, in version order, as with
+        # greenlets; re-entrant for a leave its own delivery causes.
+        self._presence_lock = threading.RLock()
 
     @property
     def histories(self) -> int:
@@ -328,30 +332,34 @@ class MemoryBackend(Backend):
     # -- presence --------------------------------------------------------
 
     def presence_join(self, channel: str, member: dict[str, Any], worker_id: str) -> tuple[int, list[dict[str, Any]]]:
-        counter, members = self._presence.setdefault(channel, ([0], {}))
-        counter[0] += 1
-        members[member["id"]] = member
-        snapshot = list(members.values())
-        self._announce_presence(channel, counter[0], protocol.JOIN, member)
-        return counter[0], snapshot
+        with self._presence_lock:
+            counter, members = self._presence.setdefault(channel, ([0], {}))
+            counter[0] += 1
+            version = counter[0]
+            members[member["id"]] = member
+            snapshot = list(members.values())
+            self._announce_presence(channel, version, protocol.JOIN, member)
+        return version, snapshot
 
     def presence_leave(self, channel: str, member_id: str, worker_id: str) -> None:
-        entry = self._presence.get(channel)
-        if entry is None or member_id not in entry[1]:
-            return
-        counter, members = entry
-        member = members.pop(member_id)
-        counter[0] += 1
-        version = counter[0]
-        if not members:
-            # The version goes with the members: every view of the
-            # channel went with its last local member, this one.
-            del self._presence[channel]
-        self._announce_presence(channel, version, protocol.LEAVE, member)
+        with self._presence_lock:
+            entry = self._presence.get(channel)
+            if entry is None or member_id not in entry[1]:
+                return
+            counter, members = entry
+            member = members.pop(member_id)
+            counter[0] += 1
+            version = counter[0]
+            if not members:
+                # The version goes with the members: every view of the
+                # channel went with its last local member, this one.
+                del self._presence[channel]
+            self._announce_presence(channel, version, protocol.LEAVE, member)
 
     def presence(self, channel: str) -> list[dict[str, Any]]:
-        entry = self._presence.get(channel)
-        return list(entry[1].values()) if entry is not None else []
+        with self._presence_lock:
+            entry = self._presence.get(channel)
+            return list(entry[1].values()) if entry is not None else []
 
     def _announce_presence(self, channel: str, version: int, event: str, member: dict[str, Any]) -> None:
         self._presence_events.append((channel, version, event, member))
