@@ -472,3 +472,43 @@ def test_memory_backend_numbers_and_delivers_in_order_under_threads():
         assert (member in members) == (event == "@leave"), (event, member)
         (members.add if event == "@join" else members.discard)(member)
     assert {m["id"] for m in backend.presence("room:t")} == members
+
+
+def test_presence_settings_are_checked():
+    """ROBE_SOCKETS_PRESENCE is a list of names or prefixes; the timeout is seconds above 0;
+    one presence_info hook only."""
+    from flask_robe_sockets import ConfigurationError, RobeSockets
+    from flask_robe_sockets.config import Settings
+
+    assert Settings(presence=["room:*", "doc:42"]).presence == ("room:*", "doc:42")
+    for bad in ("room:*", [""], [1], None):
+        with pytest.raises(ConfigurationError, match="ROBE_SOCKETS_PRESENCE must be a list"):
+            Settings(presence=bad)
+    for bad in (0, -1, "30", True):
+        with pytest.raises(ConfigurationError, match="ROBE_SOCKETS_PRESENCE_TIMEOUT must be seconds above 0"):
+            Settings(presence_timeout=bad)
+    sockets = RobeSockets()
+    sockets.presence_info(lambda connection, channel: None)
+    with pytest.raises(ConfigurationError, match="a presence_info hook is already set"):
+        sockets.presence_info(lambda connection, channel: None)
+
+
+def test_subscribing_again_answers_the_members_without_a_second_join():
+    """A second @subscribe to a presence channel lists the members again; nobody hears a join."""
+    from flask import Flask
+
+    from flask_robe_sockets import RobeSockets
+
+    app = Flask(__name__)
+    app.secret_key = "test"
+    app.config["ROBE_SOCKETS_PRESENCE"] = ["room:*"]
+    sockets = RobeSockets(app)
+    with sockets.test_client(app, identity="alice") as alice, sockets.test_client(app, identity="bob") as bob:
+        alice.subscribe("room:1")
+        first = bob.subscribe("room:1")["presence"]
+        assert [f["event"] for f in alice.received()] == ["@join"]
+        again = bob.subscribe("room:1")["presence"]
+        assert sorted(m["id"] for m in again["members"]) == sorted(m["id"] for m in first["members"])
+        assert alice.received() == []
+        with app.app_context():
+            assert sockets["room:1"].presence().clients == 2
