@@ -19,6 +19,9 @@ Deliver = Callable[[str, int, bytes], None]
 #: ``on_event(channel, version, event, member, frame)``: a presence event
 #: (``@join`` or ``@leave``) with the member's wire form and the ready frame.
 PresenceEvent = Callable[[str, int, str, "dict[str, Any]", bytes], None]
+#: ``on_control(command)``: apply a command of the application (a JSON
+#: object, ``control.Command.to_dict()``) to this worker's connections.
+OnControl = Callable[[dict[str, Any]], None]
 
 
 @dataclass
@@ -82,6 +85,21 @@ class Backend:
         :raises BackendUnavailable: the backend could not be asked.
         """
         return []
+
+    # -- the application's commands to connections (PROTOCOL.md section 8) --
+
+    def control(self, command: dict[str, Any]) -> None:
+        """Hand ``command`` (a JSON object) to every worker listening on this
+        backend, this process included, within a second.
+
+        :raises BackendUnavailable: the command could not be handed over.
+        """
+        raise NotImplementedError
+
+    def listen_control(self, on_control: OnControl) -> None:
+        """From now on, call ``on_control`` with every command sent with
+        ``control`` (by any process sharing the backend); safe to repeat. A
+        backend that carries no commands hears none."""
 
     # -- presence (PROTOCOL.md section 7) ------------------------------------
 

@@ -34,6 +34,7 @@ out of it.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -50,7 +51,7 @@ from gevent import monkey
 
 from .. import protocol
 from ..frames import ws_frame
-from .base import Backend, Deliver, Recovery
+from .base import Backend, Deliver, OnControl, Recovery
 
 try:
     import fcntl
@@ -134,6 +135,7 @@ class MemoryBackend(Backend):
         self._nonces: OrderedDict[str, float] = OrderedDict()
         self._members: set[str] = set()
         self._deliver: Deliver | None = None
+        self._on_control: OnControl | None = None
         # Epochs are "<process token>.<generation>". The generation moves on
         # whenever a history that had broadcasts is dropped, so a channel
         # whose seq starts again from 1 comes back under a new epoch. An

@@ -79,7 +79,7 @@ from redis.retry import Retry
 from .. import protocol
 from ..frames import ws_frame
 from ..errors import BackendUnavailable
-from .base import Backend, Deliver, Recovery
+from .base import Backend, Deliver, OnControl, Recovery
 
 log = logging.getLogger("flask_robe_sockets")
 
@@ -217,6 +217,10 @@ for _, id in ipairs(dead) do
 end
 return claimed
 """
+#: The pub/sub channel of the application's commands to connections, after
+#: the database's prefix: braces never occur in a channel name, so no
+#: channel of the application can be it.
+CONTROL_CHANNEL = "{control}"
 
 #: Seconds of silence on the pub/sub connection before it is checked with a
 #: PING; no answer within as long again counts as a lost connection.
@@ -327,6 +331,8 @@ class RedisBackend(Backend):
         # channel so that apps on two databases of one Redis stay apart.
         db = self._pool.connection_kwargs.get("db", 0)
         self._prefix = f"robe:{db}:"
+        self._control_channel = (self._prefix + CONTROL_CHANNEL).encode()
+        self._on_control: OnControl | None = None
         self._deliver: Deliver | None = None
         self._subscriptions: dict[str, _Subscription] = {}
         #: SUBSCRIBE commands sent per channel and not confirmed yet.
@@ -554,6 +560,49 @@ class RedisBackend(Backend):
         except redis.RedisError as exc:
             raise BackendUnavailable(f"could not check the ticket with Redis at {self._where()}: {exc}") from exc
 
+    # -- the application's commands --------------------------------------
+
+    def control(self, command: dict[str, Any]) -> None:
+        # Every listening worker gets it, this one too, through its listener.
+        try:
+            self.redis.publish(self._control_channel, json.dumps(command, allow_nan=False))
+        except redis.RedisError as exc:
+            raise BackendUnavailable(
+                f"could not send the {command.get('action')} command: Redis at {self._where()}"
+                f" did not take it ({exc}). No worker got it: send it again once Redis is back."
+            ) from exc
+
+    def listen_control(self, on_control: OnControl) -> None:
+        first = self._on_control is None
+        self._on_control = on_control
+        if self._listener is None and not self._closed:
+            self._listener = gevent.spawn(self._listen)  # subscribes to it once connected
+        elif first:
+            self._subscribe_control()
+
+    def _subscribe_control(self) -> None:
+        """Listen to the commands; the listener calls it on every (re)connect."""
+        with self._write_lock:
+            if self._conn is None or self._on_control is None:
+                return
+            try:
+                self._conn.send_command("SUBSCRIBE", self._control_channel, check_health=False)
+            except redis.RedisError as exc:
+                log.info("SUBSCRIBE to the commands failed (%s): the listener reconnects", exc)
+
+    def _on_command(self, payload: bytes) -> None:
+        if self._on_control is None:
+            return
+        try:
+            command = json.loads(payload)
+        except ValueError:
+            log.error("dropped a command that is not JSON from Redis at %s: %.200r", self._where(), payload)
+            return
+        try:
+            self._on_control(command)
+        except Exception:
+            log.exception("applying a command from Redis failed: %.200r", payload)
+
     # -- this worker's subscriptions ------------------------------------
 
     def start(self, deliver: Deliver) -> None:
@@ -606,6 +655,7 @@ class RedisBackend(Backend):
                 with self._write_lock:
                     self._conn = conn
                     self._send_subscribe(list(self._subscriptions))
+                    self._subscribe_control()
                 if self._failures:
                     log.warning(
                         "reconnected to Redis at %s after %d attempts (%.1fs): resubscribed to %d channels",
@@ -669,7 +719,10 @@ class RedisBackend(Backend):
             if isinstance(reply, bytes):  # a PING's answer when subscribed to nothing
                 reply = [b"pong", reply]
             kind = reply[0]
-            if kind == b"message":
+            if kind == b"message" and reply[1] == self._control_channel:
+                # Commands are no broadcasts: nothing to hold back while resyncing.
+                self._on_command(reply[2])
+            elif kind == b"message":
                 if held is None:
                     self._on_message(reply[1], reply[2])
                 else:
