@@ -4,6 +4,7 @@
 
     flask --app myapp robe publish room:lobby message '{"text": "hi"}'
     flask --app myapp robe workers
+    flask --app myapp robe disconnect --identity alice
 
 A command runs in a process of its own, so it can only reach what the
 serving workers share: with the in-memory backend every command exits 2.
@@ -18,7 +19,7 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
-from . import protocol
+from . import control, protocol
 from .errors import BackendUnavailable
 
 #: Why nothing works without a shared backend, and the fix.
@@ -28,7 +29,9 @@ NEEDS_SHARED_BACKEND = (
     " (Redis) in the app's config, for the server and for this command alike."
 )
 
-robe = AppGroup("robe", help="Publish to channels and list the workers, through the app's backend.")
+robe = AppGroup(
+    "robe", help="Publish to channels, list the workers and close connections, through the app's backend."
+)
 
 
 class _UsageExit(click.ClickException):
@@ -82,6 +85,35 @@ def publish(channel: str, event: str, data: str | None) -> None:
     finally:
         server.backend.close()
     click.echo(seq)
+
+
+@robe.command("disconnect")
+@click.option("--identity", metavar="ID", help="Every connection whose ticket named this identity (a string).")
+@click.option("--connection", "connection_id", metavar="ID", help="The one connection with this id.")
+@click.option("--reconnect", is_flag=True, help="Close with 4001, reconnect now (e.g. permissions changed),"
+              " instead of 4500, do not reconnect (signed out, banned).")
+@click.option("--reason", default="", metavar="TEXT", help="The close frame's reason, at most 123 UTF-8 bytes.")
+def disconnect(identity: str | None, connection_id: str | None, reconnect: bool, reason: str) -> None:
+    """Close the connections of one identity (or one connection) on every
+    worker: with 4500, or 4001 with --reconnect."""
+    if (identity is None) == (connection_id is None):
+        raise click.UsageError("give exactly one of --identity ID or --connection ID")
+    code = control.CLOSE_RECONNECT if reconnect else control.CLOSE_DISCONNECTED
+    try:
+        if identity is not None:
+            command = control.disconnect(identity=identity, code=code, reason=reason)
+        else:
+            command = control.disconnect(connection_id=connection_id, code=code, reason=reason)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--reason") from None
+    server = _server()
+    try:
+        server.control(command)
+    except BackendUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        server.backend.close()
+    click.echo(f"sent to every worker: {command.describe()}")
 
 
 @robe.command("workers")

@@ -243,8 +243,26 @@ class Dispatcher:
             session.answer(protocol.PRESENCE, self.roster.view(channel), channel, ref)
 
     def unsubscribe(self, session: "Session", frame: protocol.Frame) -> None:
-        self.hub.leave(session, frame.channel)
+        self.leave(session, frame.channel)
         session.answer(protocol.UNSUBSCRIBED, None, frame.channel, frame.ref)
+
+    def leave(self, session: "Session", channel: str) -> None:
+        """Take ``session`` off ``channel``, as asked by the client
+        (``@unsubscribe``) or by the application (``unsubscribed_by_app``):
+        the one place where a leave that was asked for happens, so whatever
+        else such a leave does (presence's ``@leave``) goes here."""
+        self.hub.leave(session, channel)
+
+    def unsubscribed_by_app(self, session: "Session", channel: str, reason: str) -> bool:
+        """The application took ``session`` off ``channel`` (PROTOCOL.md
+        section 8): it leaves, and is told with ``@unsubscribed`` without a
+        ref, ``data: {"reason": reason}``. ``False`` (and nothing sent) when
+        it was neither on the channel nor joining it."""
+        if not self.hub.has(session, channel):
+            return False
+        self.leave(session, channel)
+        session.answer(protocol.UNSUBSCRIBED, {"reason": reason}, channel)
+        return True
 
     def dispatch(self, session: "Session", frame: protocol.Frame) -> None:
         channel, ref = frame.channel, frame.ref

@@ -12,6 +12,7 @@ from flask.logging import has_level_handler, wsgi_errors_stream
 from . import cli, config, handshake
 from .channels import Channel
 from .connection import Connection
+from .control import Command, Controls
 from .dispatch import Router
 from .server import SocketServer
 from .testing import SocketTestClient
@@ -38,7 +39,7 @@ def _json_error(status: int, error: str) -> Response:
     return response
 
 
-class RobeSockets:
+class RobeSockets(Controls):
     """Real-time channels for a Flask app.
 
     ::
@@ -170,6 +171,11 @@ class RobeSockets:
     def connections_of(self, identity: Any) -> list[Connection]:
         """This worker's open connections whose ticket named ``identity``."""
         return [conn for conn in self._server().connections if conn.identity == identity]
+
+    # ``disconnect`` and ``unsubscribe`` (every worker's connections) are Controls'.
+
+    def _send_control(self, command: Command) -> None:
+        self._server().control(command)
 
     # -- testing ---------------------------------------------------------
 

@@ -194,6 +194,25 @@ class Roster:
         if view.users <= 0 and self._views.get(channel) is view:
             del self._views[channel]
 
+    def lost(self) -> list[Subscriber]:
+        """This worker's members that the backend no longer lists: a sweep
+        took this worker for dead (frozen past the timeout), or the backend
+        lost them. Their leave was announced; they must connect again to be
+        members again.
+
+        :raises BackendUnavailable: the backend could not be asked.
+        """
+        lost = []
+        for channel, local in list(self._local.items()):
+            entries = list(local.items())
+            missing = set(self._backend.presence_missing(channel, [member["id"] for member, _ in local.values()]))
+            for subscriber, entry in entries:
+                # Only those still members here after the answer: one that
+                # left meanwhile was simply removed by its own leave.
+                if entry[0]["id"] in missing and self._local.get(channel, {}).get(subscriber) is entry:
+                    lost.append(subscriber)
+        return lost
+
     def view(self, channel: str) -> dict[str, Any]:
         """The members as this worker delivered them (the wire form), for ``@presence``."""
         view = self._views.get(channel)

@@ -6,11 +6,12 @@ from typing import Any
 from .backends import Backend, create_backend
 from .channels import Channel
 from .config import DEFAULTS
+from .control import Command, Controls
 from .errors import ConfigurationError
 from .presence import Presence
 
 
-class Publisher:
+class Publisher(Controls):
     """Sends to channels from any Python process, without Flask or sockets.
 
     ::
@@ -23,6 +24,10 @@ class Publisher:
     channel handle is the one ``sockets["chat"]`` returns, so code that only
     sends can take either (a job run in an ``rq worker`` gets a publisher,
     the same job run in the app gets the extension).
+
+    ``publisher.disconnect(identity="alice")`` and
+    ``publisher.unsubscribe("room:1", identity="alice")`` act on connections
+    of every worker, as ``sockets.disconnect`` and ``sockets.unsubscribe`` do.
 
     Create one per process and keep it: it holds a connection pool.
     """
@@ -67,6 +72,9 @@ class Publisher:
         :raises BackendUnavailable: the backend could not take the message.
         """
         return self[channel].send(event, data)
+
+    def _send_control(self, command: Command) -> None:
+        self.backend.control(command.to_dict())
 
     def close(self) -> None:
         """Release the backend's connections."""

@@ -14,6 +14,7 @@ import os
 import random
 import signal
 import socket
+import time
 from typing import Any
 
 import gevent
@@ -25,6 +26,7 @@ from .errors import BackendUnavailable
 from .channels import Channel, Hub
 from .config import Settings
 from .connection import Connection
+from .control import DISCONNECT, Command
 from .dispatch import Dispatcher, Router
 from .handshake import Slots
 from .heartbeat import Heartbeat
@@ -67,6 +69,12 @@ class SocketServer:
         self.connections: set[Connection] = set()
         self.shutting_down = False
         self._shutdown_hooked_pid: int | None = None
+        #: When (``time.time()``) each open session opened: the application's
+        #: commands act on the sessions open when they were made.
+        self._opened_at: dict[Session, float] = {}
+        self._control_pid = 0
+        if under_gevent():  # a serving worker: it hears the commands from the start
+            self._listen_control()
         #: Reports this worker to a shared backend (``flask robe workers``).
         self.heartbeat: Heartbeat | None = Heartbeat(
             self.backend, settings.worker_ttl, self._report, interval=self._report_interval()
@@ -98,6 +106,8 @@ class SocketServer:
             return
         self._hook_shutdown()
         self._start_heartbeat()
+        self._listen_control()
+        self._opened_at[session] = time.time()
         self.connections.add(session.owner)
         session.answer(protocol.CONNECTED, {"id": session.id, "protocol": protocol.VERSION})
         self.dispatcher.run_hooks(self.router.connect_hooks, session)
@@ -109,9 +119,49 @@ class SocketServer:
         self.hub.leave_all(session)
 
     def closed(self, session: Session) -> None:
+        self._opened_at.pop(session, None)
         if session.owner in self.connections:
             self.connections.discard(session.owner)
             self.dispatcher.run_hooks(self.router.disconnect_hooks, session)
+
+    # -- the application's commands (PROTOCOL.md section 8) -------------------
+
+    def control(self, command: Command) -> None:
+        """Send ``command`` to every worker sharing the backend, this one included.
+
+        :raises BackendUnavailable: the backend could not take it.
+        """
+        self.backend.control(command.to_dict())
+
+    def _listen_control(self) -> None:
+        pid = os.getpid()
+        if self._control_pid != pid:  # once per process (a fork starts again)
+            self._control_pid = pid
+            self.backend.listen_control(self.apply_control)
+
+    def apply_control(self, data: dict[str, Any]) -> None:
+        """Apply a command (``Command.to_dict()``) to the sessions of this
+        worker it selects; the backend calls it on every worker."""
+        try:
+            command = Command.from_dict(data)
+        except ValueError as exc:
+            log.error("dropped a command this version cannot apply (%s): %.200r", exc, data)
+            return
+        acted = 0
+        for session, opened_at in tuple(self._opened_at.items()):
+            if not command.selects(session.id, session.identity, opened_at):
+                continue
+            try:
+                if command.action == DISCONNECT:
+                    if session.open:
+                        session.close(command.code, command.reason)
+                        acted += 1
+                elif self.dispatcher.unsubscribed_by_app(session, command.channel, command.reason):
+                    acted += 1
+            except Exception:  # one failure must not spare the others
+                log.exception("could not apply %s to %s", command.describe(), session.owner)
+        if acted:
+            log.info("%s: %d connections on this worker", command.describe(), acted)
 
     # -- presence (PROTOCOL.md section 7) ------------------------------------
 

@@ -114,6 +114,20 @@ def create_app() -> Flask:
             all=sorted(conn.id for conn in sockets.connections),
         )
 
+    @app.post("/control/<action>")
+    def control(action):
+        """sockets.disconnect(**json) or sockets.unsubscribe(json["channel"], **rest),
+        as a view calls them; a refusal is a 400 naming the exception."""
+        kwargs = request.get_json()
+        try:
+            if action == "disconnect":
+                sockets.disconnect(**kwargs)
+            else:
+                sockets.unsubscribe(kwargs.pop("channel"), **kwargs)
+        except (TypeError, ValueError) as exc:
+            return jsonify(error=type(exc).__name__, message=str(exc)), 400
+        return jsonify(pid=os.getpid())
+
     @app.get("/presence/<channel>")
     def presence(channel):
         """Every worker's members of ``channel``, as ``sockets[channel].presence()`` lists them."""

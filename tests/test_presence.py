@@ -522,3 +522,35 @@ def test_subscribing_again_answers_the_members_without_a_second_join():
         assert alice.received() == []
         with app.app_context():
             assert sockets["room:1"].presence().clients == 2
+
+
+def test_members_a_sweep_removed_from_a_live_worker_are_closed_to_join_again(redis_url):
+    """A worker taken for dead (frozen past the timeout) finds its members
+    removed: it closes them with 1011 so that they reconnect and join again,
+    and nobody hears a second @leave."""
+    from flask_robe_sockets.backends.redis import RedisBackend
+
+    config = {"ROBE_SOCKETS_REDIS_URL": redis_url, "ROBE_SOCKETS_PRESENCE_TIMEOUT": 1.5, **PRESENCE}
+    servers = [Gunicorn(config), Gunicorn(config)]
+    backend = RedisBackend(redis_url)
+    try:
+        channel = fresh()
+        observer = Client(servers[1])
+        observer.subscribe(channel)
+        member = Client(servers[0])
+        member.subscribe(channel)
+        assert observer.next_event()["event"] == "@join"
+        # What a survivor's sweep does to a frozen worker's member.
+        backend.presence_leave(channel, member.id, "any-worker")
+        assert (observer.next_event()["event"], observer.events) == ("@leave", [])
+        with pytest.raises(ConnectionClosed):
+            while True:
+                member.ws.recv(timeout=5)
+        assert member.ws.close_code == 1011
+        assert observer.flush() == []
+        assert ids(observer.request("@presence", channel)["data"]) == {observer.id}
+        observer.close()
+    finally:
+        backend.close()
+        for srv in servers:
+            srv.stop()
