@@ -512,3 +512,44 @@ def test_cli_disconnect_on_memory_exits_2():
     done = robe("disconnect", "--identity", "alice")
     assert done.returncode == 2
     assert f"Error: {NEEDS_SHARED_BACKEND}" in " ".join(done.stderr.split())
+
+
+# -- the README -------------------------------------------------------------------
+
+
+def test_readme_example_runs_as_written():
+    """The "Controlling connections" views, with the test client: the kick takes
+    the user off the room, the role change closes every tab with 4001, the
+    sign-out closes the signed-in user's sockets with 4500."""
+    from flask import session
+
+    from .test_readme import readme_blocks
+
+    (block,) = readme_blocks("Controlling connections")
+    app, sockets = memory_app()
+    sockets.identity_loader(lambda: session.get("user_id"))
+    saved, removed = [], []
+    namespace = {
+        "__name__": "readme_example", "app": app, "sockets": sockets,
+        "save_roles": lambda user, roles: saved.append((user, roles)),
+        "remove_member": lambda room, user: removed.append((room, user)),
+    }
+    exec(block, namespace)
+    http = app.test_client()
+    with sockets.test_client(app, identity="alice") as tab1, sockets.test_client(app, identity="alice") as tab2:
+        tab1.subscribe("room:lobby")
+        tab1.subscribe("chat")
+        assert http.post("/rooms/lobby/kick/alice").status_code == 204
+        assert removed == [("lobby", "alice")]
+        assert tab1.received() == [
+            {"channel": "room:lobby", "event": "@unsubscribed", "data": {"reason": "removed from the room"}},
+        ]
+        assert http.post("/admin/users/alice/roles", json={"admin": True}).status_code == 204
+        assert saved == [("alice", {"admin": True})]
+        assert (tab1.close_code, tab2.close_code) == (4001, 4001)
+    with http.session_transaction() as cookie_session:
+        cookie_session["user_id"] = "bob"
+    with sockets.test_client(app, flask_client=http) as bob, sockets.test_client(app, identity="carol") as carol:
+        assert http.post("/logout").status_code == 204
+        assert (bob.connected, bob.close_code) == (False, 4500)
+        assert carol.connected
