@@ -51,11 +51,6 @@ EVERY_EVENT = "message"
 #: cannot start with ``@`` but for :data:`CHANNEL_EVENTS`) ever gets them.
 PRESENCE_EVENTS = ("join", "leave", "sync")
 
-# The presence frames of PROTOCOL.md section 7.
-_PRESENCE = "@presence"
-_JOIN = "@join"
-_LEAVE = "@leave"
-
 #: The close code by which the server asks for a reconnect now
 #: (PROTOCOL.md section 8): the first attempt waits no backoff.
 CLOSE_RECONNECT_NOW = 4001
@@ -490,7 +485,7 @@ class ClientState:
         :raises QueueFull: disconnected, with ``max_queue`` sends waiting.
         """
         ref = next(self._refs)
-        text = protocol.dumps({"channel": channel, "event": _PRESENCE, "ref": ref})
+        text = protocol.dumps({"channel": channel, "event": protocol.PRESENCE, "ref": ref})
         return self._send_or_queue(_Outgoing(ref, text, request))
 
     def withdraw(self, request: Any) -> bool:
@@ -561,10 +556,10 @@ class ClientState:
         if event == protocol.REPLY:
             request = self._answered_send(ref)
             return [] if request is None else [Settle(request, data)]
-        if event == _PRESENCE:
+        if event == protocol.PRESENCE:
             request = self._answered_send(ref)
             return [] if request is None else [Settle(request, Presence.from_wire(data))]
-        if event in (_JOIN, _LEAVE):
+        if event in (protocol.JOIN, protocol.LEAVE):
             return self._on_presence_change(channel, event, Member.from_wire(data))
         if event == protocol.UNSUBSCRIBED and ref is None and isinstance(data, dict):
             # The server's own (PROTOCOL.md section 8); the answer to ours
@@ -785,7 +780,7 @@ class ClientState:
         if channel is None or not channel.subscribed or not channel.has_presence:
             return []  # left, not answered yet (the snapshot will count), or no presence
         members = channel.presence.members
-        if event == _JOIN:
+        if event == protocol.JOIN:
             if member.id in members:
                 return []
             members[member.id] = member

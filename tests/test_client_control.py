@@ -13,6 +13,7 @@ import random
 import threading
 
 import pytest
+import requests
 from websockets.exceptions import ConnectionClosed
 
 from flask_robe_sockets.client import (
@@ -244,3 +245,46 @@ def test_close_4001_reconnects_at_once(scripted, make_client, monkeypatch):
         2, {"channel": "chat", "event": "@subscribe", "ref": 2, "data": {"since": 7, "epoch": "e1"}}
     )
     assert record.wait("connect", 2) and record.args("disconnect") == [4001]
+
+
+PRESENCE = {"ROBE_SOCKETS_PRESENCE": ["pinfo:*"]}
+
+
+def test_presence_against_a_live_server(make_server, make_client):
+    """Against gunicorn with presence on: each client's members start from its snapshot (itself
+    included, with the app's info), another's join and leave arrive with their handlers, fetch()
+    counts connections and people, and a channel without presence refuses it."""
+    srv = make_server(PRESENCE)
+    people = {}
+    for name in ("alice", "bob"):
+        http = requests.Session()
+        http.post(srv.url + "/login", data={"user": name}, timeout=5).raise_for_status()
+        record = Recorder()
+        client = make_client(srv=srv, session=http, record=record)
+        room = client.subscribe("pinfo:room")
+        for event in ("join", "leave", "sync"):
+            room.presence.on(event, record(event))
+        people[name] = (client, room, record, http)
+        record.wait("sync")
+
+    (alice, alice_room, alice_seen, _), (bob, bob_room, bob_seen, _) = people["alice"], people["bob"]
+    me = Member(alice.id, "alice", {"name": "alice", "on": "pinfo:room"})
+    other = Member(bob.id, "bob", {"name": "bob", "on": "pinfo:room"})
+    assert alice_seen.wait("join") == [other]
+    assert alice_room.presence.members == {alice.id: me, bob.id: other} == bob_room.presence.members
+    assert alice_seen.args("sync")[0] == [me] and bob_seen.args("join") == []
+    answer = alice_room.presence.fetch(timeout=5)
+    assert (sorted(answer.members, key=lambda m: m.identity), answer.clients, answer.users) == ([me, other], 2, 2)
+
+    news = alice.subscribe("news-presence-off")
+    news.on("@subscribed", alice_seen("subscribed"))
+    alice_seen.wait("subscribed")
+    with pytest.raises(ReplyError) as refused:
+        news.presence.fetch(timeout=5)
+    assert refused.value.code == "presence_disabled" and news.presence.members == {}
+
+    bob.close()
+    assert alice_seen.wait("leave") == [other]
+    assert alice_room.presence.members == {alice.id: me} and alice_seen.args("sync")[-1] == [me]
+    for _, _, _, http in people.values():
+        http.close()

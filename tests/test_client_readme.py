@@ -25,7 +25,8 @@ def example_server():
 
 
 def test_python_client_example_runs_as_written(example_server):
-    """The example logs in, connects, subscribes, sends and closes: its handlers print what the README says."""
+    """The example logs in, connects, subscribes, sends, asks who is here and closes: its handlers
+    print what the README says."""
     code = readme_block("The Python client", "python").replace("127.0.0.1:9292", f"127.0.0.1:{example_server.port}")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -35,3 +36,5 @@ def test_python_client_example_runs_as_written(example_server):
     assert re.search(r"online as \S+", out) and "(re)load the room" in out, out  # a first subscribe is never recovered
     assert "{'queued': True}" in out and "offline 1000" in out, out
     assert "refused" not in out and "error:" not in out, out
+    # The example's rooms have presence: alice is on the lobby, listed once in the snapshot and the answer.
+    assert "online: 1" in out and "people here: 1 ['alice']" in out, out
