@@ -206,10 +206,24 @@ class SocketServer:
                 removed = self.backend.sweep_presence(timeout, ttl)
                 if removed:
                     log.info("removed %d members of workers that stopped reporting", removed)
+                self._close_lost_members()
             except BackendUnavailable as exc:
                 log.warning("cannot look for dead workers' members: %s", exc)
             except Exception:
                 log.exception("looking for dead workers' members failed")
+
+    def _close_lost_members(self) -> None:
+        """Close (1011: they reconnect) the connections whose membership the
+        backend lost, e.g. after this worker was taken for dead: the others
+        were told they left, so they must join again to be listed."""
+        if self.roster is None:
+            return
+        lost = self.roster.lost()
+        if lost:
+            log.warning("%d connections are no longer listed as members (this worker was taken for dead?):"
+                        " closing them with 1011 so that they join again", len(lost))
+        for session in lost:
+            session.close(protocol.CLOSE_INTERNAL, "presence lost: reconnect")
 
     # -- this worker's reports -----------------------------------------------
 

@@ -131,6 +131,11 @@ class Backend:
         """Every worker's members of ``channel``, in their wire form."""
         return []
 
+    def presence_missing(self, channel: str, member_ids: list[str]) -> list[str]:
+        """Which of ``member_ids`` are no longer members of ``channel`` (removed
+        by another worker's sweep, or lost by the backend)."""
+        return []
+
     def sweep_presence(self, timeout: float, worker_ttl: float) -> int:
         """Remove the members of workers silent for ``timeout`` seconds,
         announcing a ``@leave`` for each, each dead worker by exactly one

@@ -478,6 +478,15 @@ class RedisBackend(Backend):
             raise BackendUnavailable(f"could not read the members of {channel!r} from Redis: {exc}") from exc
         return int(version), [json.loads(value) for value in values]
 
+    def presence_missing(self, channel: str, member_ids: list[str]) -> list[str]:
+        if not member_ids:
+            return []
+        try:
+            found = self.redis.hmget(self._presence_keys(channel)[0], member_ids)
+        except redis.RedisError as exc:
+            raise BackendUnavailable(f"could not read the members of {channel!r} from Redis: {exc}") from exc
+        return [member_id for member_id, value in zip(member_ids, found) if value is None]
+
     def _resync_presence(self) -> None:
         """After a reconnect: events published meanwhile never reached this
         worker, so each channel's view is brought up to Redis's members."""
