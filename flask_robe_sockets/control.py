@@ -18,8 +18,10 @@ shared by ``RobeSockets``, ``Publisher`` and the command line.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from typing import Any
 
 from . import protocol
@@ -84,6 +86,11 @@ class Command:
         selectors = [s for s in (self.identity, self.connection_id) if s is not None]
         if len(selectors) != 1 or not isinstance(selectors[0], str) or self.identity == identity_key(None):
             return "a command selects by one identity or one connection id"
+        if self.identity is not None:
+            try:
+                json.loads(self.identity)
+            except ValueError:
+                return "a command's identity is an identity's JSON"
         if isinstance(self.at, bool) or not isinstance(self.at, (int, float)):
             return "a command's time is a number"
         return _code_problem(self.code) or _reason_problem(self.reason) or (
@@ -97,7 +104,18 @@ class Command:
             return False
         if self.connection_id is not None:
             return connection_id == self.connection_id
-        return identity is not None and identity_key(identity) == self.identity
+        if identity is None:
+            return False
+        if isinstance(identity, str) or isinstance(self._target, str):
+            # Most identities are strings: compared as they are, with no
+            # encoding per connection (a str's key is that str, quoted).
+            return type(identity) is str and identity == self._target
+        return identity_key(identity) == self.identity
+
+    @cached_property
+    def _target(self) -> Any:
+        """The identity selected, decoded once for all the connections."""
+        return json.loads(self.identity) if self.identity is not None else None
 
     def describe(self) -> str:
         """For the log: what it selects and does."""

@@ -401,6 +401,20 @@ def test_bad_input_raises_in_the_publisher_and_the_view(pair, redis_url, kwargs,
     assert message.split(" (")[0] in response.json()["message"]
 
 
+@pytest.mark.parametrize("identity", ["alice", 7, "7", True, 7.0, {"id": 7}, {"id": 7.0}, ["a", 1], "true"])
+def test_identity_selection_is_the_caps_spelling(identity):
+    """An identity selects exactly the connections whose identity has the same
+    canonical JSON (tickets.identity_key): 7, "7", True and 7.0 are four."""
+    from flask_robe_sockets.tickets import identity_key
+
+    command = control.Command.from_dict(control.disconnect(identity=identity).to_dict())
+    others = ["alice", 7, "7", True, 7.0, {"id": 7}, {"id": 7.0}, ["a", 1], "true", None, {"ID": 7}]
+    for other in others:
+        expected = other is not None and identity_key(other) == identity_key(identity)
+        assert command.selects("Xy1", other, command.at) is expected, other
+    assert command.selects("Xy1", identity, command.at + 0.001) is False  # opened after it
+
+
 def test_commands_from_other_programs_are_checked_again():
     """A worker drops a command it cannot apply (another version, another program), naming why."""
     good = control.disconnect(identity="alice").to_dict()
@@ -409,6 +423,7 @@ def test_commands_from_other_programs_are_checked_again():
         ({**good, "action": "ban"}, "unknown action 'ban'"),
         ({**good, "identity": None}, "one identity or one connection id"),
         ({**good, "identity": "null"}, "one identity or one connection id"),
+        ({**good, "identity": "alice"}, "an identity's JSON"),
         ({**good, "connection_id": "Xy1"}, "one identity or one connection id"),
         ({**good, "code": 1000}, "from 4000 to 4999"),
         ({**good, "reason": "x" * 200}, "at most 123"),
