@@ -288,3 +288,40 @@ def test_presence_against_a_live_server(make_server, make_client):
     assert alice_room.presence.members == {alice.id: me} and alice_seen.args("sync")[-1] == [me]
     for _, _, _, http in people.values():
         http.close()
+
+
+def test_the_servers_control_against_a_live_server(make_server, make_client, monkeypatch):
+    """Against gunicorn: sockets.unsubscribe() reaches the channel's "@unsubscribed" with its
+    reason, and after a disconnect with 4001 the client is back at once without that channel;
+    sockets.disconnect(identity=) with its default 4500 ends the client."""
+    monkeypatch.setattr(random, "random", lambda: 1.0)  # no jitter: any backoff is 30 s
+    srv = make_server(PRESENCE)
+    http = requests.Session()
+    http.post(srv.url + "/login", data={"user": "alice"}, timeout=5).raise_for_status()
+    record = Recorder()
+    client = make_client(srv=srv, session=http, record=record, reconnect_delay=30, max_reconnect_delay=30)
+    kept, removed = client.subscribe("pinfo:kept"), client.subscribe("pinfo:removed")
+    removed.on("@unsubscribed", record("unsubscribed"))
+    wait_until(lambda: kept.subscribed and removed.subscribed, message="both subscriptions")
+
+    def control(action: str, **kwargs) -> None:
+        http.post(f"{srv.url}/control/{action}", json=kwargs, timeout=5).raise_for_status()
+
+    def members(channel: str) -> list:
+        return [m["identity"] for m in http.get(f"{srv.url}/presence/{channel}", timeout=5).json()["members"]]
+
+    control("unsubscribe", channel="pinfo:removed", identity="alice", reason="removed from the room")
+    assert record.wait("unsubscribed") == [Unsubscribed("removed from the room")]
+    first = client.id
+    control("disconnect", connection_id=first, code=4001, reason="permissions changed")
+    record.wait("connect", 2, timeout=5)  # its backoff would be up to 30 s
+    wait_until(lambda: kept.subscribed, message="the resubscribe")
+    assert record.args("disconnect") == [4001] and client.id != first
+    assert members("pinfo:kept") == ["alice"] and members("pinfo:removed") == []
+
+    control("disconnect", identity="alice")
+    assert record.wait("disconnect", 2) == [4001, 4500]
+    wait_until(lambda: client.closed, message="the client to close")
+    with pytest.raises(ClientClosed):
+        client.subscribe("pinfo:kept")
+    http.close()
