@@ -280,6 +280,8 @@ export declare class Client implements Emitter<ClientEvents> {
   /** The connection id from `@connected`; `null` while disconnected. */
   readonly id: string | null;
   readonly connected: boolean;
+  /** Over: by `close()`, or by a close code from 4500 to 4999; never reconnects. */
+  readonly closed: boolean;
   on<K extends keyof ClientEvents>(event: K, fn: (value: ClientEvents[K]) => void): () => void;
   off<K extends keyof ClientEvents>(event: K, fn: (value: ClientEvents[K]) => void): void;
   /** The same `Channel` for the same name; may be called before connecting.

@@ -864,6 +864,13 @@ export class Client extends emitting(Object) {
     return this.#state.connected;
   }
 
+  /** Whether the client is over: by `close()`, or by the server with a close
+   * code from 4500 to 4999 (the application disconnected it). It sends
+   * nothing more and never reconnects. */
+  get closed() {
+    return this.#state.closed;
+  }
+
   /** The channel `name` (the same object for the same name), subscribed
    * now or as soon as the socket is open, and again after every reconnect.
    * `{since, epoch}`, a channel's `seq` and `epoch` saved earlier (by a

@@ -590,6 +590,7 @@ test("a close from 4500 to 4999 ends the client: one disconnect with its code, s
   ws.drop(4500, "signed out");
   await assert.rejects(unanswered, { code: "closed" });
   assert.deepEqual(disconnects, [{ code: 4500, reason: "signed out" }]);
+  assert.equal(client.closed, true);
   await assert.rejects(chat.send("echo", 2), { code: "closed" });
   assert.throws(() => client.subscribe("news"), { code: "closed" });
   // Longer than any backoff of makeClient's (at most 4 ms): no second socket.
@@ -606,6 +607,7 @@ test("after a close with 4001 the client reconnects at once, whatever its backof
   ws.accept();
   ws.receive({ channel: "chat", event: "@subscribed", ref: ws.sent[0].ref, data: { recovered: false, seq: 7, epoch: "e1" } });
   ws.drop(4001, "permissions changed");
+  assert.equal(client.closed, false);
   const second = await socketNumber(2);
   second.accept("c2");
   assert.deepEqual(second.last("@subscribe").data, { since: 7, epoch: "e1" });
