@@ -330,6 +330,25 @@ def test_backend_unavailable_on_recover_closes_with_1011(setup, monkeypatch):
     assert setup.hub.channels_of(session) == frozenset() and setup.hub.joins_under_way() == []
 
 
+def test_unsubscribed_by_the_app_while_joining_gets_no_subscribed(setup, monkeypatch):
+    """The application's unsubscribe landing while the backend reads the history wins: @unsubscribed, never @subscribed after it."""
+    session = setup.session()
+    read_history = setup.backend.recover
+
+    def slow_recover(channel, since, epoch):
+        # As Redis would: other greenlets run while the history is read.
+        setup.dispatcher.unsubscribed_by_app(session, channel, "removed")
+        return read_history(channel, since, epoch)
+
+    monkeypatch.setattr(setup.backend, "recover", slow_recover)
+    assert setup.send(session, event="@subscribe", channel="chat", ref=1) == [
+        {"channel": "chat", "event": "@unsubscribed", "data": {"reason": "removed"}}
+    ]
+    setup.backend.publish("chat", "news", 1)
+    assert session.take() == [] and setup.hub.channels_of(session) == frozenset()
+    assert setup.hub.joins_under_way() == []
+
+
 def test_unsubscribe_answers_and_stops_broadcasts(setup):
     """@unsubscribe answers @unsubscribed (also for a channel never joined) and no broadcast follows."""
     session = setup.session()
