@@ -428,3 +428,66 @@ def test_browser_client_presence_and_a_terminal_close(browser):
     finally:
         context.close()
         fake.close()
+
+
+# Every socket's close, as the page's own WebSocket saw it (code and reason).
+RECORD_CLOSES = """
+(() => {
+    const Native = window.WebSocket;
+    window.socketCloses = [];
+    window.WebSocket = class extends Native {
+        constructor(...args) {
+            super(...args);
+            this.addEventListener("close", (event) => window.socketCloses.push([event.code, event.reason]));
+        }
+    };
+})();
+"""
+
+
+def test_signing_out_in_one_tab_signs_out_the_others(chat, chat_server):
+    """Two tabs of one person in a room: signing out in one closes the other's
+    socket with 4500; that page says so, links to the sign-in and does not
+    reconnect, while another person's page stays connected."""
+    chat.watch(chat_server)
+    name, other = f"carol-{uuid.uuid4().hex[:6]}", f"dave-{uuid.uuid4().hex[:6]}"
+    tab1 = chat.sign_in(chat_server, name)
+    tab2 = tab1.context.new_page()  # the same browser profile: the same cookie
+    tab2.set_default_timeout(15_000)
+    tab2.on("pageerror", lambda error: chat.page_errors.append(f"{name} tab 2: {error}"))
+    tab2.add_init_script(RECORD_CLOSES)
+    chat.pages[f"{name}-tab2"] = tab2
+    tickets = []
+    tab2.on("request", lambda request: "/ticket" in request.url and tickets.append(request.url))
+    tab2.goto(f"{chat_server.url}/rooms/lobby")
+    expect_status(tab2, "connected")
+    assert len(tickets) == 1  # what a reconnect would ask for again
+    dave = chat.sign_in(chat_server, other)
+    expect(dave.locator("#online li", has_text=name)).to_have_count(1)
+
+    tab1.click("form[action='/logout'] button")
+    expect(tab1).to_have_url(f"{chat_server.url}/login")
+
+    expect_status(tab2, "signed-out")
+    expect(tab2.locator("#status")).to_have_text("Signed out")
+    notice = tab2.locator("#notice")
+    expect(notice).to_be_visible()
+    expect(notice).to_contain_text("You were signed out in another tab or window.")
+    expect(notice.locator("a")).to_have_attribute("href", "/login?next=/rooms/lobby")
+    assert tab2.evaluate("window.socketCloses") == [[4500, "signed out"]]
+    expect(tab2.locator("#compose input")).to_be_disabled()
+    # No reconnect: its first retry would come within the 500 ms backoff.
+    with pytest.raises(sync_api.TimeoutError):
+        with tab2.expect_request(lambda request: "/ticket" in request.url, timeout=2_500):
+            pass
+    assert len(tickets) == 1 and tab2.evaluate("window.socketCloses") == [[4500, "signed out"]]
+
+    # Dave's page stays connected, sees carol leave, and still chats.
+    expect(dave.locator("#online li", has_text=name)).to_have_count(0)
+    expect_status(dave, "connected")
+    still = unique("still here")
+    post(dave, still)
+    expect(message(dave, still)).to_have_count(1)
+
+    tab2.click("#notice a")
+    expect(tab2).to_have_url(f"{chat_server.url}/login?next=/rooms/lobby")

@@ -196,6 +196,33 @@ def test_a_signed_in_browser_gets_a_socket(client):
         assert alice.identity == "alice"
 
 
+def test_signing_out_closes_that_persons_sockets_everywhere():
+    """Signing out in one browser closes every socket of that name with 4500,
+    whoever opened it; another person's socket stays open."""
+    alice, other_tab, bob = app.test_client(), app.test_client(), app.test_client()
+    sign_in(alice, "alice")
+    sign_in(bob, "bob")
+    with sockets.test_client(app, flask_client=alice) as tab1, \
+            sockets.test_client(app, identity="alice") as tab2, \
+            sockets.test_client(app, flask_client=bob) as bobs:
+        for connection in (tab1, tab2, bobs):
+            connection.subscribe("room:lobby")
+        page = alice.get("/rooms/lobby").get_data(as_text=True)
+        response = alice.post("/logout", data={"csrf_token": csrf_token(page)})
+        assert (response.status_code, response.headers["Location"]) == (302, "/login")
+        assert (tab1.connected, tab1.close_code) == (False, 4500)
+        assert (tab2.connected, tab2.close_code) == (False, 4500)
+        assert bobs.connected and bobs.close_code is None
+        assert bobs.subscribe("user:bob")["recovered"] is False
+    # Signed out: no ticket for the old cookie, and signing out again closes nothing.
+    with pytest.raises(ConnectError):
+        sockets.test_client(app, flask_client=alice)
+    with sockets.test_client(app, identity="alice") as again:
+        page = other_tab.get("/login").get_data(as_text=True)
+        assert other_tab.post("/logout", data={"csrf_token": csrf_token(page)}).status_code == 302
+        assert again.connected
+
+
 def test_authorize_opens_rooms_and_only_ones_own_private_channel():
     """Known rooms are open to all; ``user:<name>`` only to that name."""
     with sockets.test_client(app, identity="alice") as alice:

@@ -1,6 +1,6 @@
 // The room page: one client, the room's channel and the user's private one.
 // Everything received is shown with textContent, never as HTML.
-const { room, user, messagesUrl, client: clientUrl } = document.body.dataset;
+const { room, user, messagesUrl, loginUrl, client: clientUrl } = document.body.dataset;
 // The extension serves its client beside the socket; the page says where.
 const { Client } = await import(clientUrl);
 const list = document.getElementById("messages");
@@ -64,8 +64,24 @@ for (const item of list.children) {
 list.scrollTop = list.scrollHeight;
 
 const client = new Client();
+/** The server ended this person's sockets with 4500 to 4999 (signed out in
+ * another tab or window): the client does not reconnect, nor does the page. */
+function signedOut() {
+  setStatus("signed-out", "Signed out");
+  const link = document.createElement("a");
+  link.href = loginUrl;
+  link.textContent = "Sign in again";
+  say("You were signed out in another tab or window. ", "error");
+  notice.querySelector(".notice-text").append(link, ".");
+  input.disabled = true;
+  form.querySelector("button").disabled = true;
+}
+
 client.on("connect", () => setStatus("connected", "Connected"));
-client.on("disconnect", () => setStatus("disconnected", "Reconnecting…"));
+client.on("disconnect", ({ code }) => {
+  if (code >= 4500 && code <= 4999) signedOut();
+  else setStatus("disconnected", "Reconnecting…");
+});
 client.on("error", (error) => {
   if (error.code === "unauthorized") {
     // No ticket for this page's cookie: signed out in another tab, or a
@@ -75,7 +91,9 @@ client.on("error", (error) => {
     say("Your sign-in has ended: reload the page to sign in again.", "error");
     return;
   }
-  if (!client.connected) setStatus("disconnected", "Reconnecting…");
+  // Closed by the server while connecting (4500 to 4999): as a disconnect.
+  if (client.closed) signedOut();
+  else if (!client.connected) setStatus("disconnected", "Reconnecting…");
 });
 
 const channel = client.subscribe(`room:${room}`);
