@@ -52,6 +52,11 @@ CLOSE_WITHIN = 2.0
 FLOOD_SECONDS = 4.0
 #: The honest client's round trip, 99th percentile.
 HONEST_P99 = 0.050
+#: On a shared machine a round trip can be slow for reasons of its own: a
+#: second honest client, on an idle server at the same moment, measures that.
+#: The honest client beside the attacker may exceed HONEST_P99 only by what
+#: the machine alone cost the reference, plus this margin.
+HONEST_MARGIN = 0.020
 #: Seconds after the attacker stops within which the worker must fall idle.
 DRAIN_WITHIN = 1.0
 #: Seconds a SIGTERM may take with the attackers' sockets still open.
@@ -287,14 +292,28 @@ def _fmt(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def check_honest(found: Findings, honest: Honest) -> None:
+def check_honest(found: Findings, honest: Honest, reference: Honest) -> None:
+    """The honest client beside the attacker kept its round trip under
+    HONEST_P99, or, on a machine busy with other work, under what the same
+    client measured on an idle server meanwhile plus HONEST_MARGIN."""
+    bound = max(HONEST_P99, reference.p99() + HONEST_MARGIN)
     found.note(honest_pings=len(honest.rtts), honest_p99_ms=honest.p99() * 1000,
-               honest_max_ms=honest.max() * 1000, honest_lost=honest.lost)
+               honest_max_ms=honest.max() * 1000, honest_lost=honest.lost,
+               reference_p99_ms=reference.p99() * 1000)
     found.check(honest.error is None, f"the honest client's connection failed: {honest.error!r}")
     found.check(len(honest.rtts) >= 10, f"the honest client got only {len(honest.rtts)} answers")
     found.check(honest.lost == 0, f"{honest.lost} honest pings were not answered within 5 s")
-    found.check(honest.p99() < HONEST_P99,
-                f"honest p99 round trip {honest.p99() * 1000:.1f} ms, over {HONEST_P99 * 1000:.0f} ms")
+    found.check(honest.p99() < bound,
+                f"honest p99 round trip {honest.p99() * 1000:.1f} ms, over {bound * 1000:.0f} ms"
+                f" (the idle reference's p99: {reference.p99() * 1000:.1f} ms)")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """An idle server, whose honest client measures what the machine alone costs a round trip."""
+    server = Gunicorn(CONFIG)
+    yield server
+    server.stop()
 
 
 def check_closed(found: Findings, attackers: list[Attacker], codes: set[int], within: float) -> None:
@@ -311,7 +330,7 @@ def check_closed(found: Findings, attackers: list[Attacker], codes: set[int], wi
 # -- the tests ---------------------------------------------------------------
 
 
-def _frame_flood(make_server, name: str, first: bytes, frame: bytes, count: int, codes: set[int]) -> None:
+def _frame_flood(make_server, reference, name: str, first: bytes, frame: bytes, count: int, codes: set[int]) -> None:
     """Flood ``count`` connections with ``frame`` (after ``first``); measure, check, report.
 
     The attackers ignore the close frame and keep sending for the whole
@@ -327,7 +346,7 @@ def _frame_flood(make_server, name: str, first: bytes, frame: bytes, count: int,
     rss_before = rss_bytes(pid)
     attackers: list[Attacker] = []
     try:
-        with Honest(srv) as honest:
+        with Honest(srv) as honest, Honest(reference) as ref:
             attackers += [open_attacker(srv) for _ in range(count)]
             for a in attackers:
                 if first:
@@ -357,7 +376,7 @@ def _frame_flood(make_server, name: str, first: bytes, frame: bytes, count: int,
                cpu_after_s=after.seconds,
                rss_growth_MiB=(rss_after - rss_before) / MiB, sigterm_s=stopped)
     check_closed(found, attackers, codes, CLOSE_WITHIN)
-    check_honest(found, honest)
+    check_honest(found, honest, ref)
     found.check(cpu.fraction < FLOOD_CPU, f"worker CPU {cpu.fraction:.0%} of a core over the flood")
     found.check(idle, f"the worker was still busy {DRAIN_WITHIN} s after the attackers stopped"
                       f" ({after.fraction:.0%} of a core): it parses their backlog")
@@ -368,7 +387,7 @@ def _frame_flood(make_server, name: str, first: bytes, frame: bytes, count: int,
 
 
 @pytest.mark.parametrize("count", [1, 20])
-def test_empty_continuation_frames_are_counted(make_server, count):
+def test_empty_continuation_frames_are_counted(make_server, reference, count):
     """A text frame without FIN, then endless 6-byte empty continuation frames.
 
     They add nothing to the message's size, so only counting frames stops
@@ -379,17 +398,17 @@ def test_empty_continuation_frames_are_counted(make_server, count):
     first = build_frame(TEXT, b'{"event":', fin=False)
     empty = build_frame(CONTINUATION, b"", fin=False)
     assert len(empty) == 6
-    _frame_flood(make_server, f"empty continuation frames x{count}", first, empty, count, {1009, 1008})
+    _frame_flood(make_server, reference, f"empty continuation frames x{count}", first, empty, count, {1009, 1008})
 
 
-def test_ping_flood_is_closed_and_its_backlog_discarded(make_server):
+def test_ping_flood_is_closed_and_its_backlog_discarded(make_server, reference):
     """WebSocket pings with 125-byte payloads, as fast as the socket takes them.
 
     Pings count against the frame rate: past its burst the connection is
     closed with 1008, and what it sent after that is discarded, not parsed.
     """
     ping = build_frame(PING, b"p" * 125)
-    _frame_flood(make_server, "ping flood", b"", ping, 1, {1008})
+    _frame_flood(make_server, reference, "ping flood", b"", ping, 1, {1008})
 
 
 # Frames the dearest to parse within every limit: each fills a message
@@ -460,7 +479,7 @@ def json_server():
 
 @pytest.mark.parametrize("size", ["largest", "both_rates"])
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_dearest_json_within_the_rate_is_cheap(json_server, shape, size):
+def test_dearest_json_within_the_rate_is_cheap(json_server, reference, shape, size):
     """Valid JSON at the full allowed rate costs at most a quarter of a core.
 
     Two sizes: the largest message (the byte rate binds), and the size at
@@ -481,7 +500,7 @@ def test_dearest_json_within_the_rate_is_cheap(json_server, shape, size):
     largest = conf["ROBE_SOCKETS_MAX_MESSAGE_SIZE"]
     target = largest - 512 if size == "largest" else min(largest, rate // frame_rate) - 16
     seconds = 4.0
-    with Honest(srv) as honest:
+    with Honest(srv) as honest, Honest(reference) as ref:
         a = open_attacker(srv)
         try:
             depth, probes = _allowed_depth(a.ws)
@@ -515,11 +534,11 @@ def test_dearest_json_within_the_rate_is_cheap(json_server, shape, size):
     found.check(len(a.answers) == count, f"{len(a.answers)} answers to {count} frames")
     found.check("rate_limited" not in codes, f"refused within the rate: {codes}")
     found.check(cpu.fraction <= 0.25, f"worker CPU {cpu.fraction:.0%} of a core at the full rate")
-    check_honest(found, honest)
+    check_honest(found, honest, ref)
     found.assert_ok()
 
 
-def test_send_queue_is_bounded_in_bytes(make_server):
+def test_send_queue_is_bounded_in_bytes(make_server, reference):
     """Five connections that never read, each sending large ``@ping`` frames within the rate.
 
     Each ``@pong`` echoes its ``@ping``'s data, so the answers pile up in the
@@ -567,7 +586,7 @@ def test_send_queue_is_bounded_in_bytes(make_server):
 
     attackers: list[Attacker] = []
     try:
-        with Honest(srv, channel="chat") as honest:
+        with Honest(srv, channel="chat") as honest, Honest(reference) as ref:
             attackers += [open_attacker(srv, rcvbuf=rcvbuf) for _ in range(count)]
             for i, a in enumerate(attackers):
                 answer = a.ws.request({"channel": f"slow:{i}", "event": "@subscribe", "ref": "s"})
@@ -593,5 +612,5 @@ def test_send_queue_is_bounded_in_bytes(make_server):
     found.check(all_dropped, f"not every slow consumer was dropped from its channel within {within:.1f} s")
     found.check(all(c == 4008 for c in codes), f"close codes read at the end: {codes}, expected 4008")
     found.check(growth < bound, f"worker RSS grew by {growth / MiB:.1f} MiB, bound {bound / MiB:.0f}")
-    check_honest(found, honest)
+    check_honest(found, honest, ref)
     found.assert_ok()
