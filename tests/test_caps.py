@@ -234,9 +234,12 @@ def test_one_identity_cannot_take_every_socket(make_server):
     default (and slowed by the ticket rate limit); an honest user still connects,
     with a quick round trip all along."""
     srv = make_server({"TEST_LIBRARY_LIMITS": True})
+    # An idle server's honest client measures what the machine alone costs a
+    # round trip meanwhile (the attacker's loop runs in this very process).
+    reference = make_server({})
     mallory = login(srv, "mallory")
     held_open, outcomes = [], {}
-    with Honest(srv, interval=0.05) as honest:
+    with Honest(srv, interval=0.05) as honest, Honest(reference, interval=0.05) as ref:
         started = time.monotonic()
         # The attacker ignores every refusal, until 10 handshakes were refused.
         while outcomes.get("identity_limit", 0) < 10 and time.monotonic() - started < 60:
@@ -268,7 +271,7 @@ def test_one_identity_cannot_take_every_socket(make_server):
     assert stats["slot_counts"]["identities"]['"mallory"'] == 32
     # 20 tickets at once, then 5 a second: the 42 tickets took at least 4.4 s.
     assert attack >= (32 + 10 - 20) / 5 - 0.5
-    assert honest.lost == 0 and honest.p99() < 0.05, honest.summary()
+    assert honest.lost == 0 and honest.p99() < max(0.05, ref.p99() + 0.02), (honest.summary(), ref.summary())
 
 
 # -- the ticket rate limit ------------------------------------------------
