@@ -5,6 +5,7 @@ its PID.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -136,6 +137,20 @@ class Gunicorn(Process):
         return requests.get(self.url + "/stats", timeout=5).json()
 
 
+@contextlib.contextmanager
+def gunicorn_pair(config: dict, count: int = 2):
+    """``count`` gunicorn servers (one gevent worker each) with one config,
+    e.g. sharing one Redis; all stopped at the end, also when one fails to start."""
+    servers = []
+    try:
+        for _ in range(count):
+            servers.append(Gunicorn(config))
+        yield servers
+    finally:
+        for srv in servers:
+            srv.stop()
+
+
 class FlaskRun(Process):
     """``flask run`` (Werkzeug's threaded development server, no gevent) with
     the test app, on a random port; ``extra`` goes before ``-p``."""
@@ -179,6 +194,10 @@ class RedisServer(Process):
             name="redis",
         )
         wait_until(self._ping, 10, 0.05, "redis-server to answer")
+
+    def database(self, number: int) -> str:
+        """The URL of database ``number`` on this server: a test module's scratch space."""
+        return f"redis://127.0.0.1:{self.port}/{number}"
 
     def _ping(self) -> bool:
         try:

@@ -339,7 +339,7 @@ def test_with_redis_messages_go_through_an_rq_worker(chat, redis_server):
     by two gunicorn workers) and the private channel."""
     import redis
 
-    url = redis_server.url.rsplit("/", 1)[0] + "/3"  # a database of its own
+    url = redis_server.database(3)  # a database of its own
     redis.Redis.from_url(url).flushdb()
     # Every process of a Redis set-up must share one SECRET_KEY (the app refuses to start without).
     env = {"REDIS_URL": url, "SECRET_KEY": uuid.uuid4().hex}

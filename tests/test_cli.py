@@ -24,7 +24,7 @@ TTL = 6
 
 def scratch_url(redis_server) -> str:
     """This module's database on the shared redis-server."""
-    return redis_server.url.rsplit("/", 1)[0] + "/3"
+    return redis_server.database(3)
 
 
 @pytest.fixture

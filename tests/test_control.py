@@ -22,13 +22,13 @@ from flask_robe_sockets import Publisher, RobeSockets, control
 from flask_robe_sockets.cli import NEEDS_SHARED_BACKEND
 from flask_robe_sockets.errors import ConfigurationError
 
-from .servers import Gunicorn, RedisServer, wait_until
+from .servers import Gunicorn, RedisServer, gunicorn_pair, wait_until
 from .test_cli import robe
 
 
 def scratch_url(redis_server) -> str:
     """This module's database on the shared redis-server."""
-    return redis_server.url.rsplit("/", 1)[0] + "/5"
+    return redis_server.database(5)
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +44,8 @@ def redis_url(redis_server):
 @pytest.fixture(scope="module")
 def pair(redis_url):
     """Two gunicorn servers (one gevent worker each) sharing one Redis."""
-    servers = []
-    try:
-        for _ in range(2):
-            servers.append(Gunicorn({"ROBE_SOCKETS_REDIS_URL": redis_url}))
+    with gunicorn_pair({"ROBE_SOCKETS_REDIS_URL": redis_url}) as servers:
         yield servers
-    finally:
-        for srv in servers:
-            srv.stop()
 
 
 @pytest.fixture(scope="module")

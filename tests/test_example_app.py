@@ -623,7 +623,7 @@ def test_people_remembers_the_latest_names_only(kind, request):
     else:
         import redis
 
-        url = request.getfixturevalue("redis_server").url.rsplit("/", 1)[0] + "/4"
+        url = request.getfixturevalue("redis_server").database(4)
         redis.Redis.from_url(url).flushdb()
         people = chat.RedisPeople(url, 3)
     for name in ("a", "b", "c"):

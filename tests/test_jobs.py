@@ -11,7 +11,7 @@ import redis
 from rq.job import Job
 
 from . import jobs
-from .servers import BIN, Gunicorn, Process, wait_until
+from .servers import BIN, Process, gunicorn_pair, wait_until
 
 pytestmark = pytest.mark.redis
 
@@ -19,19 +19,14 @@ pytestmark = pytest.mark.redis
 @pytest.fixture(scope="module")
 def redis_url(redis_server):
     """This module's database on the shared redis-server."""
-    return redis_server.url.rsplit("/", 1)[0] + "/2"
+    return redis_server.database(2)
 
 
 @pytest.fixture(scope="module")
 def pair(redis_url):
-    servers = []
-    try:
-        for _ in range(2):
-            servers.append(Gunicorn({"ROBE_SOCKETS_REDIS_URL": redis_url}))
+    """Two gunicorn servers (one gevent worker each) sharing one Redis."""
+    with gunicorn_pair({"ROBE_SOCKETS_REDIS_URL": redis_url}) as servers:
         yield servers
-    finally:
-        for srv in servers:
-            srv.stop()
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ def fresh(prefix: str = "room") -> str:
 
 @pytest.fixture(scope="module")
 def redis_url(redis_server):
-    return redis_server.url.rsplit("/", 1)[0] + "/3"
+    return redis_server.database(3)
 
 
 @pytest.fixture(autouse=True)

@@ -44,7 +44,7 @@ backend.close()
 @pytest.fixture
 def url(redis_server):
     """This module's database on the shared redis-server, flushed around each test."""
-    url = redis_server.url.rsplit("/", 1)[0] + "/3"
+    url = redis_server.database(3)
     client = redis.Redis.from_url(url)
     client.flushdb()
     yield url

@@ -39,7 +39,7 @@ def test_several_workers_factory_reads_the_redis_url(redis_server, monkeypatch):
     """The factory of "Deploying with several workers" puts the app on Redis
     from ROBE_SOCKETS_REDIS_URL; REDIS_URL alone leaves it in memory."""
     block = next(b for b in readme_blocks("Deploying with several workers") if "def create_app" in b)
-    url = redis_server.url.rsplit("/", 1)[0] + "/7"
+    url = redis_server.database(7)
     monkeypatch.setenv("SECRET_KEY", "k")
     monkeypatch.setenv("ROBE_SOCKETS_REDIS_URL", url)
     namespace = {"__name__": __name__, "os": __import__("os"), "Flask": Flask, "sockets": RobeSockets()}

@@ -20,7 +20,7 @@ from websockets.sync.client import connect
 
 from flask_robe_sockets import Publisher, PublishError, frames, protocol
 
-from .servers import Gunicorn, RedisServer, free_port, wait_until
+from .servers import Gunicorn, RedisServer, free_port, gunicorn_pair, wait_until
 
 pytestmark = pytest.mark.redis
 
@@ -30,7 +30,7 @@ HISTORY = {"ROBE_SOCKETS_HISTORY_SIZE": 1000}
 
 def scratch_url(redis_server) -> str:
     """This module's database on the shared redis-server."""
-    return redis_server.url.rsplit("/", 1)[0] + "/1"
+    return redis_server.database(1)
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +51,8 @@ def flush(redis_url):
 @pytest.fixture(scope="module")
 def pair(redis_url):
     """Two gunicorn servers (one gevent worker each) sharing one Redis."""
-    servers = []
-    try:
-        for _ in range(2):
-            servers.append(Gunicorn({"ROBE_SOCKETS_REDIS_URL": redis_url, **HISTORY}))
+    with gunicorn_pair({"ROBE_SOCKETS_REDIS_URL": redis_url, **HISTORY}) as servers:
         yield servers
-    finally:
-        for srv in servers:
-            srv.stop()
 
 
 @pytest.fixture(scope="module")

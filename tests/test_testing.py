@@ -72,7 +72,7 @@ def backend_config(request):
         return
     import redis
 
-    url = request.getfixturevalue("redis_server").url.rsplit("/", 1)[0] + "/6"
+    url = request.getfixturevalue("redis_server").database(6)
     redis.Redis.from_url(url).flushdb()
     yield {"ROBE_SOCKETS_REDIS_URL": url}
 
