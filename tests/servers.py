@@ -199,6 +199,20 @@ class RedisServer(Process):
         """The URL of database ``number`` on this server: a test module's scratch space."""
         return f"redis://127.0.0.1:{self.port}/{number}"
 
+    @contextlib.contextmanager
+    def flushed(self, number: int):
+        """Database ``number``'s URL, the database emptied before and after use."""
+        import redis
+
+        url = self.database(number)
+        client = redis.Redis.from_url(url)
+        client.flushdb()
+        try:
+            yield url
+        finally:
+            client.flushdb()
+            client.close()
+
     def _ping(self) -> bool:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:

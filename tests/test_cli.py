@@ -22,19 +22,11 @@ from .servers import BIN, ROOT, Gunicorn, wait_until
 TTL = 6
 
 
-def scratch_url(redis_server) -> str:
-    """This module's database on the shared redis-server."""
-    return redis_server.database(3)
-
-
 @pytest.fixture
 def redis_url(redis_server):
-    url = scratch_url(redis_server)
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield url
-    client.flushdb()
-    client.close()
+    """This module's database on the shared redis-server, emptied around its use."""
+    with redis_server.flushed(3) as url:
+        yield url
 
 
 def robe(*args: str, config: dict | None = None) -> subprocess.CompletedProcess:

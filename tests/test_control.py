@@ -26,19 +26,11 @@ from .servers import Gunicorn, RedisServer, gunicorn_pair, wait_until
 from .test_cli import robe
 
 
-def scratch_url(redis_server) -> str:
-    """This module's database on the shared redis-server."""
-    return redis_server.database(5)
-
-
 @pytest.fixture(scope="module")
 def redis_url(redis_server):
-    url = scratch_url(redis_server)
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield url
-    client.flushdb()
-    client.close()
+    """This module's database on the shared redis-server, emptied around its use."""
+    with redis_server.flushed(5) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
