@@ -11,8 +11,14 @@ join order) parse their frames, and the latency of an event is the time from
 the churner's request to its arrival at a probe. Also measured: the
 ``@subscribed`` of one more connection (its size with 1,000 members in the
 snapshot, and the round trip), the worker's CPU share (and Redis's) and the
-generator's own CPU share. It reads eagerly only (each socket as soon as
-epoll says it is readable).
+generator's own CPU share.
+
+The probes and churners are read eagerly (each socket as soon as epoll says
+it is readable). The rest of the members (the crowd) stand for other
+machines: they have 4 MiB receive buffers and are read every
+``CROWD_EVERY`` seconds, all at once, counting the events in the bytes, so
+that this one process is not the bottleneck (eagerly, it made 100,000 reads
+a second); at the end each of them must have counted every event.
 
 Like ``run.py``, the server is pinned to core 0 and this process to core 1.
 """
@@ -37,14 +43,25 @@ from run import GEN_CORE, Server, load_now  # noqa: E402
 CHANNEL = "presence:bench"
 PROBES = 20
 CHURNERS = 20
+#: Seconds between two reads of the crowd.
+CROWD_EVERY = 0.1
+RCVBUF = 4 * 1024 * 1024
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+#: How a @join or @leave frame's bytes show its event.
+EVENT_MARKS = (b'"@join"', b'"@leave"')
 
 
 class Client:
-    __slots__ = ("sock", "buf", "upgraded", "id", "answers", "parse", "events")
+    __slots__ = ("sock", "buf", "upgraded", "id", "answers", "parse", "events", "counted", "tail")
 
     def __init__(self, port: int, parse: bool) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+        except OSError:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.connect(("127.0.0.1", port))
         self.sock.sendall(
             f"GET /ops HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
@@ -58,6 +75,25 @@ class Client:
         self.parse = parse
         #: ``(arrival, event, member id)`` of each @join/@leave, for probes.
         self.events: list[tuple[float, str, str]] = []
+        #: Events counted in the bytes of a crowd member, and the end of its
+        #: last read (where a mark may begin).
+        self.counted = 0
+        self.tail = b""
+
+    def count(self) -> None:
+        """Read a crowd member's socket dry, counting the events in its bytes."""
+        while True:
+            try:
+                data = self.sock.recv(1 << 20)
+            except BlockingIOError:
+                return
+            if not data:
+                raise RuntimeError("the server closed a member")
+            # A mark cut by a read is found in the tail (one byte short of
+            # the longest mark: no whole mark fits there to be counted twice).
+            data = self.tail + data
+            self.counted += sum(data.count(mark) for mark in EVENT_MARKS)
+            self.tail = data[-(max(map(len, EVENT_MARKS)) - 1):]
 
     def send(self, text: str) -> None:
         self.sock.setblocking(True)
@@ -88,15 +124,34 @@ class Client:
                     self.answers.append((now, frame, size))
 
 
-def pump(clients: dict[int, Client], epoll: select.epoll, until, timeout: float, what: str) -> None:
+class Crowd:
+    """The members read in batches: every ``CROWD_EVERY`` seconds, all of them."""
+
+    def __init__(self) -> None:
+        self.members: list[Client] = []
+        self.due = 0.0
+
+    def read(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now >= self.due:
+            self.due = now + CROWD_EVERY
+            for member in self.members:
+                member.count()
+
+
+def pump(clients: dict[int, Client], epoll: select.epoll, until, timeout: float, what: str,
+         crowd: Crowd | None = None) -> None:
     deadline = time.monotonic() + timeout
     while not until():
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out waiting for {what}")
-        pump_once(clients, epoll, 0.05)
+        pump_once(clients, epoll, 0.05, crowd)
 
 
-def pump_once(clients: dict[int, Client], epoll: select.epoll, wait: float) -> None:
+def pump_once(clients: dict[int, Client], epoll: select.epoll, wait: float, crowd: Crowd | None = None) -> None:
+    if crowd is not None:
+        crowd.read()
+        wait = min(wait, max(0.0, crowd.due - time.monotonic()))
     for fd, _ in epoll.poll(wait):
         client = clients[fd]
         now = time.monotonic()
@@ -146,6 +201,13 @@ def run(name: str, members: int, rate: float, seconds: float) -> dict:
         probes = [c for c in clients.values() if c.parse and c is not late]
         for probe in probes:
             probe.events.clear()
+        batched = Crowd()
+        for member in crowd:
+            if not member.parse:
+                epoll.unregister(member.sock.fileno())
+                member.count()
+                member.counted = 0
+                batched.members.append(member)
         # Each churner alternates subscribe / unsubscribe; requests go out on a schedule.
         requests: dict[str, list[float]] = {c.id: [] for c in churners}
         interval = 1 / rate
@@ -156,7 +218,7 @@ def run(name: str, members: int, rate: float, seconds: float) -> dict:
         for k in range(count):
             due = started + k * interval
             while time.monotonic() < due:
-                pump_once(clients, epoll, max(0, due - time.monotonic()))
+                pump_once(clients, epoll, max(0, due - time.monotonic()), batched)
             i = k % CHURNERS
             churner = churners[i]
             event = "@unsubscribe" if on[i] else "@subscribe"
@@ -164,9 +226,14 @@ def run(name: str, members: int, rate: float, seconds: float) -> dict:
             requests[churner.id].append(time.monotonic())
             churner.send(json.dumps({"channel": CHANNEL, "event": event}))
         expected = count
-        pump(clients, epoll, lambda: all(len(p.events) >= expected for p in probes), 30, "every event at every probe")
+        pump(clients, epoll, lambda: all(len(p.events) >= expected for p in probes), 30, "every event at every probe",
+             batched)
         elapsed = time.monotonic() - started
         cpu1, gen1 = server.cpu(), cpu_seconds()
+        pump(clients, epoll, lambda: all(m.counted >= expected for m in batched.members), 30,
+             "every event at every member", batched)
+        if any(m.counted != expected for m in batched.members):
+            raise RuntimeError(f"a member counted other than {expected} events")
         latencies = []
         for probe in probes:
             seen: dict[str, int] = {}
