@@ -87,7 +87,7 @@ def matches(patterns: tuple[str, ...], channel: str) -> bool:
 class _View:
     """This worker's picture of one channel's members."""
 
-    __slots__ = ("members", "version", "pending", "users")
+    __slots__ = ("members", "version", "pending", "users", "identities")
 
     def __init__(self) -> None:
         self.members: dict[str, dict[str, Any]] = {}
@@ -96,6 +96,9 @@ class _View:
         self.pending: list[tuple[int, str, dict[str, Any]]] = []
         #: Local presence members plus joins under way: the view goes at 0.
         self.users = 0
+        #: How many members each non-null identity has: the wire form's
+        #: ``users`` without a pass over every member at each join.
+        self.identities: dict[Any, int] = {}
 
     def apply(self, version: int, event: str, member: dict[str, Any]) -> None:
         if self.version is None:
@@ -104,19 +107,45 @@ class _View:
         if version <= self.version:
             return
         self.version = version
+        self._remove(member["id"])
         if event == protocol.JOIN:
             self.members[member["id"]] = member
-        else:
-            self.members.pop(member["id"], None)
+            self._count(member, 1)
 
     def start(self, version: int, members: list[dict[str, Any]]) -> None:
         if self.version is not None:
             return
-        self.version = version
-        self.members = {m["id"]: m for m in members}
+        self.reset(version, members)
         pending, self.pending = self.pending, []
         for args in pending:
             self.apply(*args)
+
+    def reset(self, version: int, members: list[dict[str, Any]]) -> None:
+        self.version = version
+        self.members = {m["id"]: m for m in members}
+        self.identities = {}
+        for member in self.members.values():
+            self._count(member, 1)
+
+    def wire(self) -> dict[str, Any]:
+        """The members in the wire form, as a snapshot of ``version``."""
+        return {"members": list(self.members.values()), "clients": len(self.members), "users": len(self.identities)}
+
+    def _remove(self, member_id: str) -> None:
+        old = self.members.pop(member_id, None)
+        if old is not None:
+            self._count(old, -1)
+
+    def _count(self, member: dict[str, Any], n: int) -> None:
+        identity = member.get("identity")
+        if identity is None:
+            return
+        key = _hashable(identity)
+        left = self.identities.get(key, 0) + n
+        if left:
+            self.identities[key] = left
+        else:
+            del self.identities[key]
 
 
 class Roster:
@@ -143,8 +172,13 @@ class Roster:
 
     def join(self, subscriber: Subscriber, channel: str, member: dict[str, Any],
              still_on: Callable[[], bool]) -> tuple[int, dict[str, Any]]:
-        """Make ``subscriber`` a member; return its join's version and the
-        snapshot (the wire form) taken with it.
+        """Make ``subscriber`` a member; return the version of its snapshot
+        (at or after its join) and the snapshot (the wire form).
+
+        The first member on this worker reads the snapshot from the backend;
+        the others take this worker's view, which the backend has brought up
+        to their join by the time it returns (reading and decoding the
+        snapshot of 1,000 members took 2.5 ms of the worker at every join).
 
         :raises BackendUnavailable: the backend could not record it.
         """
@@ -154,11 +188,19 @@ class Roster:
         view.users += 1
         worker_id = self._worker_id()
         try:
-            version, members = self._backend.presence_join(channel, member, worker_id)
+            version, members = self._backend.presence_join(
+                channel, member, worker_id, snapshot=view.version is None
+            )
         except BaseException:
             self._release(channel, view)
             raise
-        view.start(version, members)
+        if members is None:
+            # The backend handed over every event up to the join: the view
+            # is at its version or later, and the joiner takes it from there.
+            version, snapshot = view.version, view.wire()
+        else:
+            view.start(version, members)
+            snapshot = Presence.from_dicts(members).to_dict()
         if still_on():
             self._local.setdefault(channel, {})[subscriber] = (member, worker_id)
         else:
@@ -166,7 +208,7 @@ class Roster:
             # leave found nothing to remove, so it is removed now.
             self._release(channel, view)
             self._leave(channel, member, worker_id)
-        return version, Presence.from_dicts(members).to_dict()
+        return version, snapshot
 
     def leave(self, subscriber: Subscriber, channel: str) -> None:
         """The hub took ``subscriber`` off ``channel``: if it was a member, it leaves."""
@@ -216,7 +258,7 @@ class Roster:
     def view(self, channel: str) -> dict[str, Any]:
         """The members as this worker delivered them (the wire form), for ``@presence``."""
         view = self._views.get(channel)
-        return Presence.from_dicts(view.members.values() if view is not None else ()).to_dict()
+        return view.wire() if view is not None else Presence.of(()).to_dict()
 
     def presence(self, channel: str) -> Presence:
         """Every worker's members of ``channel``, from the backend."""
@@ -244,7 +286,7 @@ class Roster:
         current = {m["id"]: m for m in members}
         changes = [(protocol.LEAVE, m) for i, m in view.members.items() if current.get(i) != m]
         changes += [(protocol.JOIN, m) for i, m in current.items() if view.members.get(i) != m]
-        view.members, view.version = current, version
+        view.reset(version, members)
         if changes:
             log.warning("presence events of %r were lost meanwhile: sent %d as a difference", channel, len(changes))
         for event, member in changes:

@@ -464,7 +464,7 @@ def test_memory_backend_numbers_and_delivers_in_order_under_threads():
             else:
                 backend.presence_leave("room:t", member["id"], "w")
 
-    # One member stays throughout: the channel never empties (which starts its count again).
+    # One member stays throughout, so that the listing is checked against a non-empty channel.
     returned.append(backend.presence_join("room:t", {"id": "stays", "identity": None, "info": None}, "w")[0])
     try:
         threads = [threading.Thread(target=churn, args=(n,)) for n in range(8)]

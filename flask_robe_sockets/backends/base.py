@@ -115,10 +115,18 @@ class Backend:
         """The channel's presence version and its members at that version, read together."""
         raise ConfigurationError(f"presence needs the memory or the Redis backend, not {type(self).__name__}")
 
-    def presence_join(self, channel: str, member: dict[str, Any], worker_id: str) -> tuple[int, list[dict[str, Any]]]:
+    def presence_join(
+        self, channel: str, member: dict[str, Any], worker_id: str, snapshot: bool = True
+    ) -> tuple[int, list[dict[str, Any]] | None]:
         """Add ``member`` (its wire form), held by ``worker_id``, to ``channel``
-        and announce its ``@join``, atomically; return the join's version and
-        the members at that version, ``member`` included.
+        and announce its ``@join``, atomically; return the join's version and,
+        with ``snapshot``, the members at that version, ``member`` included
+        (else ``None``).
+
+        Return only once every event of ``channel`` up to the join's version
+        has been handed to ``on_event`` (when this worker listens to it): a
+        joiner that asks for no snapshot takes this worker's view, which must
+        then be up to its join.
 
         :raises BackendUnavailable: the join was not recorded.
         """

@@ -153,8 +153,11 @@ class MemoryBackend(Backend):
         #: the one it was made in.
         self._pid = 0
         self._origin = os.getpid()
-        #: Presence: each channel's members (by id) and version.
-        self._presence: dict[str, tuple[list[int], dict[str, dict[str, Any]]]] = {}
+        #: Presence: each channel's members (by id), and the version of the
+        #: last join or leave, one count for every channel: a channel's
+        #: versions only rise, even once it emptied and is gone.
+        self._presence: dict[str, dict[str, dict[str, Any]]] = {}
+        self._presence_version = 0
         #: Presence events not handed over yet: a leave announced while
         #: one is handed over (a member closed as slow) waits its turn, so
         #: every member sees them in version order.
@@ -333,35 +336,33 @@ class MemoryBackend(Backend):
 
     # -- presence --------------------------------------------------------
 
-    def presence_join(self, channel: str, member: dict[str, Any], worker_id: str) -> tuple[int, list[dict[str, Any]]]:
+    def presence_join(
+        self, channel: str, member: dict[str, Any], worker_id: str, snapshot: bool = True
+    ) -> tuple[int, list[dict[str, Any]] | None]:
         with self._presence_lock:
-            counter, members = self._presence.setdefault(channel, ([0], {}))
-            counter[0] += 1
-            version = counter[0]
+            members = self._presence.setdefault(channel, {})
+            self._presence_version += 1
+            version = self._presence_version
             members[member["id"]] = member
-            snapshot = list(members.values())
+            listed = list(members.values()) if snapshot else None
             self._announce_presence(channel, version, protocol.JOIN, member)
-        return version, snapshot
+        return version, listed
 
     def presence_leave(self, channel: str, member_id: str, worker_id: str) -> None:
         with self._presence_lock:
-            entry = self._presence.get(channel)
-            if entry is None or member_id not in entry[1]:
+            members = self._presence.get(channel)
+            if members is None or member_id not in members:
                 return
-            counter, members = entry
             member = members.pop(member_id)
-            counter[0] += 1
-            version = counter[0]
+            self._presence_version += 1
+            version = self._presence_version
             if not members:
-                # The version goes with the members: every view of the
-                # channel went with its last local member, this one.
                 del self._presence[channel]
             self._announce_presence(channel, version, protocol.LEAVE, member)
 
     def presence(self, channel: str) -> list[dict[str, Any]]:
         with self._presence_lock:
-            entry = self._presence.get(channel)
-            return list(entry[1].values()) if entry is not None else []
+            return list(self._presence.get(channel, {}).values())
 
     def _announce_presence(self, channel: str, version: int, event: str, member: dict[str, Any]) -> None:
         self._presence_events.append((channel, version, event, member))

@@ -156,13 +156,15 @@ WORKERS_KEY = "robe:{workers}"
 # broadcast starts with its epoch, which never starts with ``@``).
 
 #: KEYS: members, version, the worker's ids. ARGV: id, member JSON, pub/sub
-#: channel, channel name. Returns the version and every member's JSON.
+#: channel, channel name, "1" for a snapshot. Returns the version and, with
+#: a snapshot, every member's JSON.
 PRESENCE_JOIN_SCRIPT = """
 local v = redis.call('INCR', KEYS[2])
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('SADD', KEYS[3], ARGV[1])
 redis.call('PUBLISH', ARGV[3], '@ ' .. v .. ' {"channel":"' .. ARGV[4] .. '","event":"@join","data":' .. ARGV[2] .. '}')
-return {v, redis.call('HVALS', KEYS[1])}
+if ARGV[5] == '1' then return {v, redis.call('HVALS', KEYS[1])} end
+return {v}
 """
 
 #: KEYS: members, version, then the ids of each worker whose members leave.
@@ -441,16 +443,18 @@ class RedisBackend(Backend):
     def _presence_keys(self, channel: str) -> list[str]:
         return [f"robe:{{{channel}}}:presence", f"robe:{{{channel}}}:pver"]
 
-    def presence_join(self, channel: str, member: dict[str, Any], worker_id: str) -> tuple[int, list[dict[str, Any]]]:
+    def presence_join(
+        self, channel: str, member: dict[str, Any], worker_id: str, snapshot: bool = True
+    ) -> tuple[int, list[dict[str, Any]] | None]:
         """Record the join; when this worker listens to ``channel``, return
         only once its listener has handed over every event up to it, so that
         none at or below the joiner's version reaches it after its snapshot."""
         keys = self._presence_keys(channel)
         try:
             self.redis.sadd(f"{WORKERS_KEY}:{worker_id}:presence", channel)
-            version, values = self._presence_scripts[0](
+            version, *values = self._presence_scripts[0](
                 keys=[*keys, f"{keys[0]}:{worker_id}"],
-                args=[member["id"], protocol.dumps(member), self._prefix + channel, channel],
+                args=[member["id"], protocol.dumps(member), self._prefix + channel, channel, int(snapshot)],
             )
         except redis.RedisError as exc:
             raise BackendUnavailable(f"could not record a member of {channel!r} in Redis: {exc}") from exc
@@ -460,7 +464,7 @@ class RedisBackend(Backend):
             except BackendUnavailable:
                 self.presence_leave(channel, member["id"], worker_id)
                 raise
-        return int(version), [json.loads(value) for value in values]
+        return int(version), [json.loads(value) for value in values[0]] if snapshot else None
 
     def presence_leave(self, channel: str, member_id: str, worker_id: str) -> None:
         keys = self._presence_keys(channel)
