@@ -554,3 +554,58 @@ def test_members_a_sweep_removed_from_a_live_worker_are_closed_to_join_again(red
         backend.close()
         for srv in servers:
             srv.stop()
+
+
+def test_a_silent_worker_is_claimed_by_exactly_one_sweep_once(redis_url, caplog):
+    """Sweeps racing over one silent worker: one of them takes its list of
+    channels, so its members leave once each, and no later sweep takes it again."""
+    import logging
+
+    from flask_robe_sockets.backends.redis import RedisBackend
+
+    caplog.set_level(logging.INFO, logger="flask_robe_sockets")
+    backends = [RedisBackend(redis_url) for _ in range(4)]
+    admin = redis.Redis.from_url(redis_url)
+    listener = admin.pubsub()
+    try:
+        channels = [fresh(), fresh()]
+        db = admin.connection_pool.connection_kwargs.get("db", 0)
+        listener.subscribe(*(f"robe:{db}:{channel}" for channel in channels))
+        for _ in channels:
+            assert listener.get_message(timeout=5)["type"] == "subscribe"
+        for channel in channels:
+            for n in range(3):
+                backends[0].presence_join(channel, {"id": f"m{n}", "identity": n, "info": None}, "silent-w")
+        backends[0].announce("silent-w", {}, ttl=0.05)
+        # With a timeout as long as the report's TTL, silent once the report lapsed.
+        wait_until(lambda: backends[0].workers() == [], message="the report to lapse")
+        start = threading.Barrier(len(backends))
+        removed: list[int] = []
+
+        def sweep(backend: RedisBackend) -> None:
+            start.wait(5)
+            removed.append(backend.sweep_presence(0.05, 0.05))
+
+        threads = [threading.Thread(target=sweep, args=(b,)) for b in backends]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        assert sorted(removed) == [0, 0, 0, 6]
+        assert backends[1].sweep_presence(0.05, 0.05) == 0
+        claims = [r for r in caplog.records if "silent-w stopped reporting" in r.getMessage()]
+        assert len(claims) == 1, [r.getMessage() for r in claims]
+        leaves = []
+        while (message := listener.get_message(timeout=1)) is not None:
+            leaves.append(message["data"])
+        events = [json.loads(data.split(b" ", 2)[2]) for data in leaves]
+        assert sorted((e["channel"], e["event"], e["data"]["id"]) for e in events if e["event"] == "@leave") == sorted(
+            (channel, "@leave", f"m{n}") for channel in channels for n in range(3)
+        )
+        for channel in channels:
+            assert backends[2].presence(channel) == []
+    finally:
+        listener.close()
+        admin.close()
+        for backend in backends:
+            backend.close()

@@ -199,21 +199,24 @@ PRESENCE_SNAPSHOT_SCRIPT = """
 return {tonumber(redis.call('GET', KEYS[2]) or '0'), redis.call('HVALS', KEYS[1])}
 """
 
-#: KEYS: the workers' set. ARGV: presence timeout, worker TTL (ms). Claims
-#: the workers silent for the timeout that still hold members: each one's
-#: list of channels is taken (and deleted) by exactly one caller. Returns
-#: ``id, {channels}`` pairs.
-PRESENCE_CLAIM_SCRIPT = """
+#: KEYS: the workers' set. ARGV: presence timeout, worker TTL (ms). Returns
+#: the ids of the workers silent for the timeout, by Redis's own clock.
+PRESENCE_SILENT_SCRIPT = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]) + tonumber(ARGV[2]))
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]) + tonumber(ARGV[2]))
+"""
+
+#: KEYS: the lists of channels of silent workers (one Redis Cluster slot,
+#: ``{workers}``). Each list that holds channels is taken (and deleted) by
+#: exactly one caller. Returns ``index, {channels}`` pairs, index into KEYS.
+PRESENCE_CLAIM_SCRIPT = """
 local claimed = {}
-for _, id in ipairs(dead) do
-  local key = KEYS[1] .. ':' .. id .. ':presence'
+for i, key in ipairs(KEYS) do
   local channels = redis.call('SMEMBERS', key)
   if #channels > 0 then
     redis.call('DEL', key)
-    table.insert(claimed, id)
+    table.insert(claimed, i)
     table.insert(claimed, channels)
   end
 end
@@ -323,12 +326,11 @@ class RedisBackend(Backend):
         self._publish = self.redis.register_script(PUBLISH_SCRIPT)
         self._recover = self.redis.register_script(RECOVER_SCRIPT)
         self._announce = self.redis.register_script(ANNOUNCE_SCRIPT)
-        self._presence_scripts = (
-            self.redis.register_script(PRESENCE_JOIN_SCRIPT),
-            self.redis.register_script(PRESENCE_LEAVE_SCRIPT),
-            self.redis.register_script(PRESENCE_CLAIM_SCRIPT),
-            self.redis.register_script(PRESENCE_SNAPSHOT_SCRIPT),
-        )
+        self._presence_join = self.redis.register_script(PRESENCE_JOIN_SCRIPT)
+        self._presence_leave = self.redis.register_script(PRESENCE_LEAVE_SCRIPT)
+        self._presence_snapshot = self.redis.register_script(PRESENCE_SNAPSHOT_SCRIPT)
+        self._presence_silent = self.redis.register_script(PRESENCE_SILENT_SCRIPT)
+        self._presence_claim = self.redis.register_script(PRESENCE_CLAIM_SCRIPT)
         # Pub/sub is not scoped to a database: name the database in the
         # channel so that apps on two databases of one Redis stay apart.
         db = self._pool.connection_kwargs.get("db", 0)
@@ -443,6 +445,11 @@ class RedisBackend(Backend):
     def _presence_keys(self, channel: str) -> list[str]:
         return [f"robe:{{{channel}}}:presence", f"robe:{{{channel}}}:pver"]
 
+    @staticmethod
+    def _worker_channels(worker_id: str) -> str:
+        """The key of the channels ``worker_id`` held members on."""
+        return f"{WORKERS_KEY}:{worker_id}:presence"
+
     def presence_join(
         self, channel: str, member: dict[str, Any], worker_id: str, snapshot: bool = True
     ) -> tuple[int, list[dict[str, Any]] | None]:
@@ -451,8 +458,8 @@ class RedisBackend(Backend):
         none at or below the joiner's version reaches it after its snapshot."""
         keys = self._presence_keys(channel)
         try:
-            self.redis.sadd(f"{WORKERS_KEY}:{worker_id}:presence", channel)
-            version, *values = self._presence_scripts[0](
+            self.redis.sadd(self._worker_channels(worker_id), channel)
+            version, *values = self._presence_join(
                 keys=[*keys, f"{keys[0]}:{worker_id}"],
                 args=[member["id"], protocol.dumps(member), self._prefix + channel, channel, int(snapshot)],
             )
@@ -469,7 +476,7 @@ class RedisBackend(Backend):
     def presence_leave(self, channel: str, member_id: str, worker_id: str) -> None:
         keys = self._presence_keys(channel)
         try:
-            self._presence_scripts[1](
+            self._presence_leave(
                 keys=[*keys, f"{keys[0]}:{worker_id}"], args=[self._prefix + channel, channel, member_id]
             )
         except redis.RedisError as exc:
@@ -477,7 +484,7 @@ class RedisBackend(Backend):
 
     def presence_snapshot(self, channel: str) -> tuple[int, list[dict[str, Any]]]:
         try:
-            version, values = self._presence_scripts[3](keys=self._presence_keys(channel))
+            version, values = self._presence_snapshot(keys=self._presence_keys(channel))
         except redis.RedisError as exc:
             raise BackendUnavailable(f"could not read the members of {channel!r} from Redis: {exc}") from exc
         return int(version), [json.loads(value) for value in values]
@@ -512,16 +519,17 @@ class RedisBackend(Backend):
 
     def sweep_presence(self, timeout: float, worker_ttl: float) -> int:
         try:
-            claimed = self._presence_scripts[2](
-                keys=[WORKERS_KEY], args=[int(timeout * 1000), int(worker_ttl * 1000)]
-            )
+            silent = self._presence_silent(keys=[WORKERS_KEY], args=[int(timeout * 1000), int(worker_ttl * 1000)])
+            if not silent:
+                return 0
+            claimed = self._presence_claim(keys=[self._worker_channels(w.decode()) for w in silent])
             removed = 0
             for i in range(0, len(claimed), 2):
-                worker_id = claimed[i].decode()
+                worker_id = silent[claimed[i] - 1].decode()
                 for name in claimed[i + 1]:
                     channel = name.decode()
                     keys = self._presence_keys(channel)
-                    removed += self._presence_scripts[1](
+                    removed += self._presence_leave(
                         keys=[*keys, f"{keys[0]}:{worker_id}"], args=[self._prefix + channel, channel]
                     )
                 log.info("worker %s stopped reporting: its members left", worker_id)
