@@ -205,6 +205,11 @@ class Dispatcher:
             log.warning("cannot subscribe %s to %r: %s: closing with 1011", session.owner, channel, exc)
             session.close(protocol.CLOSE_INTERNAL, "backend unavailable")
             return
+        if not rejoin and not hub.has(session, channel):
+            # Taken off the channel while the backend answered (the
+            # application's unsubscribe, or a close): the client was told,
+            # and an @subscribed now would contradict it.
+            return
         answer = {"recovered": recovery.recovered, "seq": recovery.seq, "epoch": recovery.epoch}
         version = None
         if roster is not None:
@@ -221,10 +226,7 @@ class Dispatcher:
                     session.close(protocol.CLOSE_INTERNAL, "backend unavailable")
                     return
         if not rejoin and not hub.has(session, channel):
-            # Taken off the channel while the backend answered (the
-            # application's unsubscribe, or a close): the client was told,
-            # and an @subscribed now would contradict it.
-            return
+            return  # the same, while the presence join was recorded (and undone)
         session.answer(protocol.SUBSCRIBED, answer, channel, ref)
         for _, replayed in recovery.frames:
             session.push(replayed)

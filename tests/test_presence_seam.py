@@ -1,15 +1,17 @@
-"""Presence at the seam between a joiner's snapshot and its events, on a worker
-whose Redis pub/sub connection lags behind its command connections.
+"""Presence at the seam of a join, on a worker whose Redis connections lag
+behind a proxy: its pub/sub connection, or its command connections.
 
 A worker that already has members on a channel answers a new joiner from its
 own view; that is right only because ``RedisBackend.presence_join`` waits for
 its listener to pass the joiner's own event first. On loopback the pub/sub
 message arrives as fast as the join script's reply, so here a proxy holds back
 what Redis sends on every connection that subscribed, and the wait is needed
-for real.
+for real. With the command connections held back instead, the application's
+unsubscribe lands while a subscribe is still in flight.
 """
 from __future__ import annotations
 
+import json
 import queue
 import socket
 import threading
@@ -18,6 +20,9 @@ import uuid
 from typing import Any
 
 import pytest
+import redis
+
+from flask_robe_sockets import Publisher
 
 from .servers import Gunicorn
 from .test_presence import PRESENCE, Client
@@ -58,9 +63,8 @@ class _Pair:
 
     def __init__(self, conn: socket.socket, upstream: socket.socket) -> None:
         self.conn, self.upstream = conn, upstream
-        #: Set once the client sent SUBSCRIBE or PSUBSCRIBE: from then on
-        #: Redis's bytes reach it ``delay`` late.
-        self.lagging = threading.Event()
+        #: Set once the client sent SUBSCRIBE or PSUBSCRIBE.
+        self.subscribed = threading.Event()
         #: Redis's bytes with the time each may go, in order; ``None`` ends.
         self.outgoing: queue.Queue[tuple[float, bytes] | None] = queue.Queue()
 
@@ -76,13 +80,18 @@ class _Pair:
 class LaggingProxy:
     """A loopback TCP proxy to Redis that delivers what Redis sends on a
     subscribed connection ``delay`` seconds late, in order; every other
-    connection passes at once. Three threads per connection, at most
-    ``max_connections`` connections in all."""
+    connection passes at once. With ``commands``, the other way round: the
+    connections that never subscribed lag. Three threads per connection, at
+    most ``max_connections`` connections in all."""
 
-    def __init__(self, port: int, delay: float, max_connections: int = 32) -> None:
+    def __init__(self, port: int, delay: float, commands: bool = False, max_connections: int = 32) -> None:
         self.target = ("127.0.0.1", port)
         self.delay = delay
+        self.commands = commands
         self.max_connections = max_connections
+        #: How many commands of each name came on connections that never subscribed.
+        self._seen: dict[bytes, int] = {}
+        self._seen_changed = threading.Condition()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self._pairs: list[_Pair] = []
@@ -95,10 +104,20 @@ class LaggingProxy:
     def database(self, number: int) -> str:
         return f"redis://127.0.0.1:{self.port}/{number}"
 
-    def lagging(self) -> int:
-        """How many connections subscribed (and so lag)."""
+    def subscribed(self) -> int:
+        """How many connections subscribed."""
         with self._lock:
-            return sum(pair.lagging.is_set() for pair in self._pairs)
+            return sum(pair.subscribed.is_set() for pair in self._pairs)
+
+    def seen(self, name: bytes) -> int:
+        """How many ``name`` commands came on connections that never subscribed."""
+        with self._seen_changed:
+            return self._seen.get(name, 0)
+
+    def wait_seen(self, name: bytes, count: int, timeout: float = 10) -> None:
+        with self._seen_changed:
+            if not self._seen_changed.wait_for(lambda: self._seen.get(name, 0) >= count, timeout):
+                raise AssertionError(f"no {count}th {name.decode()} within {timeout}s")
 
     def _spawn(self, target, *args) -> None:
         thread = threading.Thread(target=target, args=args, daemon=True)
@@ -135,16 +154,19 @@ class LaggingProxy:
         buffer, pos = b"", 0
         try:
             while data := pair.conn.recv(65536):
-                if not pair.lagging.is_set():
+                if not pair.subscribed.is_set():
                     buffer = buffer[pos:] + data
                     pos = 0
                     while (parsed := _command(buffer, pos)) is not None:
                         name, pos = parsed
                         if name in (b"SUBSCRIBE", b"PSUBSCRIBE"):
                             # Before the command goes on: its confirmation lags too.
-                            pair.lagging.set()
+                            pair.subscribed.set()
                             buffer, pos = b"", 0
                             break
+                        with self._seen_changed:
+                            self._seen[name] = self._seen.get(name, 0) + 1
+                            self._seen_changed.notify_all()
                 pair.upstream.sendall(data)
         except OSError:
             pass
@@ -155,7 +177,8 @@ class LaggingProxy:
         """Stamp each read of Redis's bytes with the time it may go on."""
         try:
             while data := pair.upstream.recv(65536):
-                due = time.monotonic() + self.delay if pair.lagging.is_set() else 0.0
+                lags = pair.subscribed.is_set() != self.commands
+                due = time.monotonic() + self.delay if lags else 0.0
                 pair.outgoing.put((due, data))
         except OSError:
             pass
@@ -216,6 +239,21 @@ def lagging_worker(proxy, redis_url):
     srv.stop()
 
 
+@pytest.fixture(scope="module")
+def slow_commands(redis_server):
+    proxy = LaggingProxy(redis_server.port, DELAY, commands=True)
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture(scope="module")
+def slow_worker(slow_commands, redis_url):
+    """One gevent worker whose Redis commands are answered late (its pub/sub connection is not)."""
+    srv = Gunicorn({"ROBE_SOCKETS_REDIS_URL": slow_commands.database(DATABASE), **PRESENCE})
+    yield srv
+    srv.stop()
+
+
 def wire(members: list[dict[str, Any]]) -> dict[str, Any]:
     """The wire form of ``members``, in id order, with their counts."""
     users = {m["identity"] for m in members if m["identity"] is not None}
@@ -257,7 +295,7 @@ def test_joiners_on_a_lagging_worker_see_themselves_and_every_earlier_join_once(
                 join_elsewhere(n, None if n == 3 else f"ghost{n}")
             members.append({"id": client.id, "identity": user, "info": None})
             snapshots[client.id] = client.subscribe(channel)["presence"]
-        assert proxy.lagging() == 1  # the worker's pub/sub connection, and only it
+        assert proxy.subscribed() == 1  # the worker's pub/sub connection, and only it lags
 
         for client in clients:
             mine = next(i for i, m in enumerate(members) if m["id"] == client.id)
@@ -285,3 +323,43 @@ def test_joiners_on_a_lagging_worker_see_themselves_and_every_earlier_join_once(
         for client in clients:
             client.close()
         elsewhere.close()
+
+
+@pytest.mark.parametrize("during, command, announced", [
+    # The history read (recovery's script): the join is never recorded.
+    ("history", b"EVALSHA", []),
+    # The presence join itself (this worker's list of channels comes first):
+    # it is recorded, and undone at once, so everyone who heard the @join hears the @leave.
+    ("join", b"SADD", ["@join", "@leave"]),
+])
+def test_unsubscribed_while_its_subscribe_is_in_flight(slow_worker, slow_commands, redis_url, during, command,
+                                                       announced):
+    """The application's unsubscribe lands while Redis has not answered the
+    subscribe yet: the client gets the @unsubscribed and no @subscribed after
+    it, and it is not left listed as a member."""
+    channel = f"room:{uuid.uuid4().hex[:10]}"
+    user = f"kicked-{during}"
+    publisher = Publisher.from_url(redis_url)
+    admin = redis.Redis.from_url(redis_url)
+    listener = admin.pubsub()
+    client = Client(slow_worker, user)
+    try:
+        listener.subscribe(f"robe:{DATABASE}:{channel}")
+        assert listener.get_message(timeout=5)["type"] == "subscribe"
+        before = slow_commands.seen(command)
+        client.ws.send(json.dumps({"channel": channel, "event": "@subscribe", "ref": "s"}))
+        # The worker is waiting for Redis's late answer to that command now.
+        slow_commands.wait_seen(command, before + 1)
+        publisher.unsubscribe(channel, identity=user, reason="removed")
+        assert client.next_event() == {"channel": channel, "event": "@unsubscribed", "data": {"reason": "removed"}}
+        assert client.flush() == []  # the ping's answer comes after the subscribe's end: no @subscribed
+        assert publisher[channel].presence().members == ()
+        heard = []
+        while (message := listener.get_message(timeout=2 * DELAY)) is not None:
+            heard.append(json.loads(message["data"].split(b" ", 2)[2]))
+        assert [(f["event"], f["data"]["id"]) for f in heard] == [(event, client.id) for event in announced]
+    finally:
+        client.close()
+        listener.close()
+        admin.close()
+        publisher.close()
