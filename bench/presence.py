@@ -80,15 +80,19 @@ class Client:
         self.counted = 0
         self.tail = b""
 
+    def receive(self) -> bytes | None:
+        """What the socket holds now (``None``: nothing)."""
+        try:
+            data = self.sock.recv(1 << 20)
+        except BlockingIOError:
+            return None
+        if not data:
+            raise RuntimeError("the server closed a member")
+        return data
+
     def count(self) -> None:
         """Read a crowd member's socket dry, counting the events in its bytes."""
-        while True:
-            try:
-                data = self.sock.recv(1 << 20)
-            except BlockingIOError:
-                return
-            if not data:
-                raise RuntimeError("the server closed a member")
+        while (data := self.receive()) is not None:
             # A mark cut by a read is found in the tail (one byte short of
             # the longest mark: no whole mark fits there to be counted twice).
             data = self.tail + data
@@ -155,13 +159,9 @@ def pump_once(clients: dict[int, Client], epoll: select.epoll, wait: float, crow
     for fd, _ in epoll.poll(wait):
         client = clients[fd]
         now = time.monotonic()
-        try:
-            data = client.sock.recv(1 << 20)
-        except BlockingIOError:
-            continue
-        if not data:
-            raise RuntimeError("the server closed a member")
-        client.feed(data, now)
+        data = client.receive()
+        if data is not None:
+            client.feed(data, now)
 
 
 def run(name: str, members: int, rate: float, seconds: float) -> dict:

@@ -224,34 +224,25 @@ def redis_url(redis_server):
         yield url
 
 
-@pytest.fixture(scope="module")
-def proxy(redis_server):
-    proxy = LaggingProxy(redis_server.port, DELAY)
-    yield proxy
-    proxy.close()
+def _worker_behind_proxy(redis_server, commands: bool):
+    """One gevent worker that reaches Redis only through a lagging proxy; both."""
+    proxy = LaggingProxy(redis_server.port, DELAY, commands=commands)
+    try:
+        srv = Gunicorn({"ROBE_SOCKETS_REDIS_URL": proxy.database(DATABASE), **PRESENCE})
+        yield proxy, srv
+        srv.stop()
+    finally:
+        proxy.close()
 
 
 @pytest.fixture(scope="module")
-def lagging_worker(proxy, redis_url):
-    """One gevent worker that reaches Redis only through the proxy."""
-    srv = Gunicorn({"ROBE_SOCKETS_REDIS_URL": proxy.database(DATABASE), **PRESENCE})
-    yield srv
-    srv.stop()
+def pubsub_lags(redis_server, redis_url):
+    yield from _worker_behind_proxy(redis_server, commands=False)
 
 
 @pytest.fixture(scope="module")
-def slow_commands(redis_server):
-    proxy = LaggingProxy(redis_server.port, DELAY, commands=True)
-    yield proxy
-    proxy.close()
-
-
-@pytest.fixture(scope="module")
-def slow_worker(slow_commands, redis_url):
-    """One gevent worker whose Redis commands are answered late (its pub/sub connection is not)."""
-    srv = Gunicorn({"ROBE_SOCKETS_REDIS_URL": slow_commands.database(DATABASE), **PRESENCE})
-    yield srv
-    srv.stop()
+def commands_lag(redis_server, redis_url):
+    yield from _worker_behind_proxy(redis_server, commands=True)
 
 
 def wire(members: list[dict[str, Any]]) -> dict[str, Any]:
@@ -264,7 +255,7 @@ def in_order(presence: dict[str, Any]) -> dict[str, Any]:
     return {**presence, "members": sorted(presence["members"], key=lambda m: m["id"])}
 
 
-def test_joiners_on_a_lagging_worker_see_themselves_and_every_earlier_join_once(lagging_worker, proxy, redis_url):
+def test_joiners_on_a_lagging_worker_see_themselves_and_every_earlier_join_once(pubsub_lags, redis_url):
     """Each joiner's snapshot, taken from the worker's view, lists exactly the
     members before it and itself, though its own @join is still on its way to
     the worker when Redis has recorded it (as a join from elsewhere just
@@ -272,6 +263,7 @@ def test_joiners_on_a_lagging_worker_see_themselves_and_every_earlier_join_once(
     those who came later, once each, and @presence agrees."""
     from flask_robe_sockets.backends.redis import RedisBackend
 
+    proxy, lagging_worker = pubsub_lags
     channel = f"room:{uuid.uuid4().hex[:10]}"
     elsewhere = RedisBackend(redis_url)  # straight to Redis, as another worker
     clients: list[Client] = []
@@ -332,11 +324,11 @@ def test_joiners_on_a_lagging_worker_see_themselves_and_every_earlier_join_once(
     # it is recorded, and undone at once, so everyone who heard the @join hears the @leave.
     ("join", b"SADD", ["@join", "@leave"]),
 ])
-def test_unsubscribed_while_its_subscribe_is_in_flight(slow_worker, slow_commands, redis_url, during, command,
-                                                       announced):
+def test_unsubscribed_while_its_subscribe_is_in_flight(commands_lag, redis_url, during, command, announced):
     """The application's unsubscribe lands while Redis has not answered the
     subscribe yet: the client gets the @unsubscribed and no @subscribed after
     it, and it is not left listed as a member."""
+    slow_commands, slow_worker = commands_lag
     channel = f"room:{uuid.uuid4().hex[:10]}"
     user = f"kicked-{during}"
     publisher = Publisher.from_url(redis_url)
