@@ -40,6 +40,7 @@ class Heartbeat:
         self._report = report
         self._pid: int | None = None
         self._stop = threading.Event()
+        self._retiring = False
         #: This process's id on the backend, once started: unique per process.
         self.worker_id: str | None = None
 
@@ -56,6 +57,14 @@ class Heartbeat:
     def stop(self) -> None:
         """Report no more; a report not yet made is not made (the CLI's own
         process must not pass for a worker)."""
+        self._stop.set()
+
+    def retire(self) -> None:
+        """Report no more, and have the backend drop this worker at once
+        (``backend.retire``), after any report still on its way: a worker
+        stopping on purpose is not listed, nor taken for dead, for ``ttl``
+        seconds after."""
+        self._retiring = True
         self._stop.set()
 
     def _run(self, worker_id: str, started: float) -> None:
@@ -75,3 +84,8 @@ class Heartbeat:
             except Exception:  # a bug here must not end the reports for good
                 log.exception("worker %s could not report itself", worker_id)
             self._stop.wait(self._interval)
+        if self._retiring:
+            try:
+                self._backend.retire(worker_id)
+            except BackendUnavailable as exc:
+                log.warning("worker %s could not retire: %s", worker_id, exc)

@@ -84,6 +84,7 @@ class SocketServer:
         # connection starts it), and never in a process that only runs
         # commands or tests.
         self._start_heartbeat()
+        self._hook_shutdown()
 
     def channel(self, name: str) -> Channel:
         # Data that is not JSON raises TypeError or ValueError from the
@@ -246,14 +247,20 @@ class SocketServer:
                 conn.close(protocol.CLOSE_GOING_AWAY, "server shutting down")
             except Exception:  # one failure must not keep the rest open
                 log.exception("could not close %s on shutdown", conn)
+        # Closing took every member off its channels (their leaves are
+        # recorded): what a failed leave left behind, a sweep removes.
+        if self.heartbeat is not None:
+            self.heartbeat.retire()
 
     def _hook_shutdown(self) -> None:
         """Close sockets with 1001 on SIGTERM, before gunicorn's graceful wait.
 
         gunicorn calls no application hook when a worker is told to stop, and
         a WebSocket is one long request it would otherwise wait out. The
-        handler is installed on the first connection, in the worker process
-        itself (after gunicorn set its own handlers), and chains to them.
+        handler is installed in the worker process itself, after gunicorn set
+        its own handlers, and chains to them: when the worker loads the app
+        (gunicorn sets them first), else on the first connection (with
+        ``--preload`` the app is loaded before the fork).
         """
         pid = os.getpid()
         if self._shutdown_hooked_pid == pid:

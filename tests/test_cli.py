@@ -183,6 +183,30 @@ def test_workers_lists_live_workers_and_drops_a_killed_one(redis_url):
 
 
 @pytest.mark.redis
+def test_a_worker_stopped_with_sigterm_leaves_the_list_at_once(redis_url):
+    """A worker told to stop (an idle one: it never served a socket) retires
+    its report on the way out: it is not listed for its TTL after, and it
+    counts as silent from then on, for a sweep to let go of what it held."""
+    config = {"ROBE_SOCKETS_REDIS_URL": redis_url, "ROBE_SOCKETS_WORKER_TTL": 60}
+    stays, stops = Gunicorn(config), Gunicorn(config)
+    try:
+        kept, gone = list(per_worker(stays, 1)), list(per_worker(stops, 1))
+        wait_until(lambda: {w["pid"] for w in listed(config)} == {*kept, *gone}, 20, 0.1, "both workers to report")
+        gone_id = next(w["id"] for w in listed(config) if w["pid"] in gone)
+        stops.stop()
+        assert stops.proc.returncode == 0, stops.output()  # gunicorn's own graceful exit, no SIGKILL
+        assert {w["pid"] for w in listed(config)} == set(kept)
+        client = redis.Redis.from_url(redis_url)
+        seconds, micros = client.time()
+        assert client.zscore(WORKERS_KEY, gone_id) <= seconds * 1000 + micros // 1000
+        assert not client.exists(f"{WORKERS_KEY}:{gone_id}")
+        client.close()
+    finally:
+        stops.stop()
+        stays.stop()
+
+
+@pytest.mark.redis
 def test_backend_announce_and_workers(redis_url):
     """A report is listed with its info, id and age until its TTL passes;
     a second report refreshes it."""

@@ -78,6 +78,14 @@ class Backend:
         :raises BackendUnavailable: the report did not reach the backend.
         """
 
+    def retire(self, worker_id: str) -> None:
+        """This worker stops, its connections closed: ``workers`` leaves it out
+        at once, and a sweep (``sweep_presence``) lets go of what it may still
+        hold without waiting for its last report to lapse.
+
+        :raises BackendUnavailable: the backend could not be told.
+        """
+
     def workers(self) -> list[dict[str, Any]]:
         """The workers alive on this backend: each report's ``info`` with its
         ``id`` and ``age`` (seconds since that report), oldest worker first.

@@ -141,6 +141,14 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 86400000)
 return now
 """
 
+#: KEYS: the workers' set, the worker's hash. ARGV: id. A retiring worker's
+#: report lapses now: it is no longer listed, and counts as silent from now.
+RETIRE_SCRIPT = """
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[1], 'XX', t[1] * 1000 + math.floor(t[2] / 1000), ARGV[1])
+redis.call('DEL', KEYS[2])
+"""
+
 #: Where the workers report: one Redis Cluster slot for all of them.
 WORKERS_KEY = "robe:{workers}"
 
@@ -326,6 +334,7 @@ class RedisBackend(Backend):
         self._publish = self.redis.register_script(PUBLISH_SCRIPT)
         self._recover = self.redis.register_script(RECOVER_SCRIPT)
         self._announce = self.redis.register_script(ANNOUNCE_SCRIPT)
+        self._retire = self.redis.register_script(RETIRE_SCRIPT)
         self._presence_join = self.redis.register_script(PRESENCE_JOIN_SCRIPT)
         self._presence_leave = self.redis.register_script(PRESENCE_LEAVE_SCRIPT)
         self._presence_snapshot = self.redis.register_script(PRESENCE_SNAPSHOT_SCRIPT)
@@ -526,13 +535,16 @@ class RedisBackend(Backend):
             removed = 0
             for i in range(0, len(claimed), 2):
                 worker_id = silent[claimed[i] - 1].decode()
+                left = 0
                 for name in claimed[i + 1]:
                     channel = name.decode()
                     keys = self._presence_keys(channel)
-                    removed += self._presence_leave(
+                    left += self._presence_leave(
                         keys=[*keys, f"{keys[0]}:{worker_id}"], args=[self._prefix + channel, channel]
                     )
-                log.info("worker %s stopped reporting: its members left", worker_id)
+                if left:
+                    log.info("worker %s stopped reporting: its %d members left", worker_id, left)
+                removed += left
         except redis.RedisError as exc:
             raise BackendUnavailable(f"could not remove dead workers' members in Redis: {exc}") from exc
         return removed
@@ -556,6 +568,12 @@ class RedisBackend(Backend):
             self._announce(keys=[WORKERS_KEY, f"{WORKERS_KEY}:{worker_id}"], args=args)
         except redis.RedisError as exc:
             raise BackendUnavailable(f"could not report this worker to Redis at {self._where()}: {exc}") from exc
+
+    def retire(self, worker_id: str) -> None:
+        try:
+            self._retire(keys=[WORKERS_KEY, f"{WORKERS_KEY}:{worker_id}"], args=[worker_id])
+        except redis.RedisError as exc:
+            raise BackendUnavailable(f"could not retire this worker in Redis at {self._where()}: {exc}") from exc
 
     def workers(self) -> list[dict[str, Any]]:
         try:
