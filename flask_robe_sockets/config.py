@@ -112,12 +112,21 @@ class Settings:
     #: with one ``@leave``. With presence on a shared backend, each worker
     #: reports itself at least every third of it.
     presence_timeout: float = 30
+    #: Presence joins one caller (an identity from one client IP) may make:
+    #: ``(per second, burst)``, over all its connections of this worker. Each
+    #: join and its leave is a frame to every other member, so a client that
+    #: subscribes and unsubscribes in a loop would cost a worker a frame per
+    #: member per request; over it a subscribe is answered ``@error
+    #: rate_limited`` (the clients try again on their next connect). The
+    #: burst covers a page with a few presence channels reloaded in many tabs.
+    presence_rate_limit: tuple[float, float] = (2, 50)
 
     def __post_init__(self) -> None:
         if not self.path.startswith("/"):
             raise ConfigurationError(f"ROBE_SOCKETS_PATH must start with '/', got {self.path!r}")
         object.__setattr__(self, "path", self.path.rstrip("/"))
-        for name, unit in (("rate_limit", "frames"), ("byte_rate_limit", "bytes"), ("ticket_rate_limit", "tickets")):
+        for name, unit in (("rate_limit", "frames"), ("byte_rate_limit", "bytes"), ("ticket_rate_limit", "tickets"),
+                           ("presence_rate_limit", "joins")):
             rate = getattr(self, name)
             if not (isinstance(rate, (tuple, list)) and len(rate) == 2 and rate[0] > 0 and rate[1] >= 1):
                 raise ConfigurationError(f"{key(name)} must be ({unit} per second, burst), got {rate!r}")

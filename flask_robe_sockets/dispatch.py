@@ -10,6 +10,7 @@ through the handlers, each answered as PROTOCOL.md section 4 says.
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING, Any, Callable
 
 from flask import Flask
@@ -22,6 +23,8 @@ from .errors import BackendUnavailable, ConfigurationError, Forbidden, ProtocolE
 from .frames import ws_frame
 from .message import Message
 from .metrics import NULL, Metrics
+from .ratelimit import CallerRateLimit
+from .tickets import identity_key
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -126,6 +129,7 @@ class Dispatcher:
         self.metrics = metrics
         #: This worker's presence, when the app turned it on for some channels.
         self.roster: Roster | None = None
+        self._presence_joins = CallerRateLimit(*settings.presence_rate_limit)
 
     def run_hooks(self, hooks: list[Hook], session: "Session") -> None:
         """Run connect or disconnect hooks; one that fails is logged, the rest run."""
@@ -188,6 +192,12 @@ class Dispatcher:
         roster = self.roster if self.roster is not None and self.roster.enabled(channel) else None
         member = None
         if roster is not None and not rejoin:
+            wait = self._presence_joins.check((identity_key(session.identity), session.remote_addr))
+            if wait:
+                session.answer_error(
+                    "rate_limited", f"too many presence joins: try again in {math.ceil(wait)} s", ref, channel
+                )
+                return
             member = self._member(session, channel)
             if not session.open:
                 return

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
+from typing import Hashable
 
 
 class RateLimiter:
@@ -55,3 +57,51 @@ class RateLimiter:
     def exhausted(self) -> bool:
         """Whether the client ignored ``burst`` refusals in a row."""
         return self.strikes > self.burst
+
+
+class CallerRateLimit:
+    """A token bucket per caller (an identity from one client IP, spelled
+    as the caller likes): for tickets, for presence joins.
+
+    Memory stays bounded whoever asks, so a caller rotating identities or
+    addresses cannot grow it: a bucket left alone for ``burst / rate``
+    seconds has filled up again and is no different from a new one, so it is
+    dropped; past ``max_callers`` buckets the least recently used go first,
+    which at worst gives the caller that waited longest a fresh burst.
+
+    :param rate: units a second per caller, on average.
+    :param burst: units one caller may take at once.
+    :param max_callers: buckets kept at most. 10,000 is about 2.5 MB, and
+        2,500 new callers a second at the tickets' default rate.
+    """
+
+    def __init__(self, rate: float, burst: float, max_callers: int = 10_000) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.max_callers = max_callers
+        #: Least recently asked first.
+        self._buckets: OrderedDict[Hashable, RateLimiter] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def check(self, caller: Hashable) -> float:
+        """Charge one unit to ``caller``: 0 when it may have it, else the
+        seconds until it may ask again."""
+        self._sweep()
+        bucket = self._buckets.pop(caller, None)
+        if bucket is None:
+            bucket = RateLimiter(self.rate, self.burst)
+        self._buckets[caller] = bucket
+        if bucket.allow():
+            return 0.0
+        return max(bucket.retry_after(), 1e-3)
+
+    def _sweep(self) -> None:
+        refilled = time.monotonic() - self.burst / self.rate
+        buckets = self._buckets
+        while buckets:
+            oldest = next(iter(buckets.values()))
+            if oldest.stamp > refilled and len(buckets) < self.max_callers:
+                return
+            buckets.popitem(last=False)

@@ -34,7 +34,8 @@ from .presence import Presence, Roster
 from .metrics import Metrics, create as create_metrics
 from .session import Session
 from .websocket import under_gevent
-from .tickets import TicketRateLimit, TicketSigner
+from .ratelimit import CallerRateLimit
+from .tickets import TicketSigner
 
 log = logging.getLogger("flask_robe_sockets")
 
@@ -60,7 +61,7 @@ class SocketServer:
             bind_ip=settings.ticket_bind_ip,
             claim_nonce=self.backend.claim_nonce,
         ) if app.secret_key else None
-        self.ticket_limit = TicketRateLimit(*settings.ticket_rate_limit)
+        self.ticket_limit = CallerRateLimit(*settings.ticket_rate_limit)
         self.slots = Slots(settings)
         self.router = router
         self.dispatcher = Dispatcher(app, router, self.hub, self.backend, settings, self.metrics)

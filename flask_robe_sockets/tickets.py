@@ -7,21 +7,19 @@ socket with ``?ticket=...``. The ticket is signed like Flask's session, with
 its own salt, and names the identity, the client IP and a random nonce that
 makes it valid once.
 
-Asking for tickets is rate limited per caller (:class:`TicketRateLimit`), so
-that a reconnect loop, honest or not, cannot spin on the endpoint.
+Asking for tickets is rate limited per caller (a
+:class:`~flask_robe_sockets.ratelimit.CallerRateLimit` of the server), so that
+a reconnect loop, honest or not, cannot spin on the endpoint.
 """
 from __future__ import annotations
 
 import json
 import secrets
-import time
-from collections import OrderedDict
 from typing import Any, Callable
 
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
 from .errors import ConfigurationError, TicketError
-from .ratelimit import RateLimiter
 
 SALT = "flask-robe-sockets.ticket"
 
@@ -89,54 +87,3 @@ def identity_key(identity: Any) -> str:
     """One hashable spelling of a ticket's identity (any JSON value), so that
     ``{"id": 7}`` can be counted as ``"alice"`` is, and ``1`` apart from ``"1"``."""
     return json.dumps(identity, sort_keys=True, separators=(",", ":"))
-
-
-class TicketRateLimit:
-    """A token bucket per caller, an identity from one client IP, for the
-    ticket endpoint.
-
-    Memory stays bounded whoever asks, so a caller rotating identities or
-    addresses cannot grow it: a bucket left alone for ``burst / rate``
-    seconds has filled up again and is no different from a new one, so it is
-    dropped; past ``max_callers`` buckets the least recently used go first,
-    which at worst gives the caller that waited longest a fresh burst.
-
-    :param rate: tickets a second per caller, on average.
-    :param burst: tickets one caller may get at once. A reconnecting client
-        asks for one per attempt, so a burst of 20 at 5 a second is more
-        than any backoff needs.
-    :param max_callers: buckets kept at most. 10,000 is 2,500 new callers a
-        second at the default rate, about 2.5 MB.
-    """
-
-    def __init__(self, rate: float, burst: float, max_callers: int = 10_000) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.max_callers = max_callers
-        #: Least recently asked first.
-        self._buckets: OrderedDict[tuple[str, str | None], RateLimiter] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._buckets)
-
-    def check(self, identity: Any, remote_addr: str | None) -> float:
-        """Charge one ticket to this caller: 0 when it may have it, else the
-        seconds until it may ask again."""
-        self._sweep()
-        key = (identity_key(identity), remote_addr)
-        bucket = self._buckets.pop(key, None)
-        if bucket is None:
-            bucket = RateLimiter(self.rate, self.burst)
-        self._buckets[key] = bucket
-        if bucket.allow():
-            return 0.0
-        return max(bucket.retry_after(), 1e-3)
-
-    def _sweep(self) -> None:
-        refilled = time.monotonic() - self.burst / self.rate
-        buckets = self._buckets
-        while buckets:
-            oldest = next(iter(buckets.values()))
-            if oldest.stamp > refilled and len(buckets) < self.max_callers:
-                return
-            buckets.popitem(last=False)

@@ -609,3 +609,52 @@ def test_a_silent_worker_is_claimed_by_exactly_one_sweep_once(redis_url, caplog)
         admin.close()
         for backend in backends:
             backend.close()
+
+
+def test_presence_joins_are_rate_limited_per_caller(monkeypatch):
+    """Subscribing and unsubscribing in a loop would send every other member a
+    frame per request: past ROBE_SOCKETS_PRESENCE_RATE_LIMIT a caller's presence
+    joins (all its connections together) are refused with rate_limited and
+    announce nothing; channels without presence, rejoins and other callers are
+    not charged, and the bucket refills at its rate."""
+    from flask import Flask
+
+    from flask_robe_sockets import RobeSockets, ratelimit
+    from flask_robe_sockets.client import ReplyError
+    from flask_robe_sockets.config import Settings
+
+    class Clock:
+        now = 1000.0
+
+        def monotonic(self) -> float:
+            return self.now
+
+    clock = Clock()
+    monkeypatch.setattr(ratelimit, "time", clock)
+    app = Flask(__name__)
+    app.secret_key = "test"
+    app.config["ROBE_SOCKETS_PRESENCE"] = ["room:*"]
+    app.config["ROBE_SOCKETS_PRESENCE_RATE_LIMIT"] = (0.5, 3)
+    sockets = RobeSockets(app)
+    with sockets.test_client(app, identity="mallory") as tab1, sockets.test_client(app, identity="mallory") as tab2, \
+            sockets.test_client(app, identity="bob") as bob:
+        bob.subscribe("room:1")
+        for client in (tab1, tab2, tab1):  # the burst, over both tabs
+            client.subscribe("room:1")
+            client.subscribe("room:1")  # already a member: not a join
+            client.unsubscribe("room:1")
+            client.subscribe("plain:1")  # no presence
+        assert [f["event"] for f in bob.received()] == ["@join", "@leave"] * 3
+        with pytest.raises(ReplyError) as refused:
+            tab2.subscribe("room:1")
+        assert refused.value.code == "rate_limited"
+        assert "try again in 2 s" in str(refused.value)
+        assert bob.received() == []
+        assert bob.subscribe("room:2")["presence"]["clients"] == 1  # bob's own bucket
+        clock.now += 2  # one join a second half
+        assert tab2.subscribe("room:1")["presence"]["clients"] == 2
+        with pytest.raises(ReplyError):
+            tab1.subscribe("room:3")
+    for bad in ((0, 5), (1, 0), 3, None):
+        with pytest.raises(Exception, match="ROBE_SOCKETS_PRESENCE_RATE_LIMIT must be"):
+            Settings(presence_rate_limit=bad)

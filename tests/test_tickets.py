@@ -4,11 +4,12 @@ from __future__ import annotations
 import pytest
 from itsdangerous import URLSafeTimedSerializer
 
-from flask_robe_sockets import ratelimit, tickets
+from flask_robe_sockets import ratelimit
 from flask_robe_sockets.backends import memory
 from flask_robe_sockets.backends.memory import MemoryBackend
 from flask_robe_sockets.errors import ConfigurationError, TicketError
-from flask_robe_sockets.tickets import SALT, TicketRateLimit, TicketSigner, identity_key
+from flask_robe_sockets.ratelimit import CallerRateLimit
+from flask_robe_sockets.tickets import SALT, TicketSigner, identity_key
 
 IP = "127.0.0.1"
 
@@ -33,7 +34,6 @@ def clock(monkeypatch):
     monkeypatch.setattr("itsdangerous.timed.time", fake)
     monkeypatch.setattr(memory, "time", fake)
     monkeypatch.setattr(ratelimit, "time", fake)
-    monkeypatch.setattr(tickets, "time", fake)
     return fake
 
 
@@ -226,50 +226,54 @@ def test_nonce_memory_stays_bounded(clock):
 
 def test_ticket_rate_limit_burst_then_rate(clock):
     """A caller gets ``burst`` tickets at once, then one per ``1/rate`` s; the wait is said."""
-    limit = TicketRateLimit(4, 20)
-    assert [limit.check("alice", IP) for _ in range(20)] == [0.0] * 20
-    assert limit.check("alice", IP) == 0.25
+    limit = CallerRateLimit(4, 20)
+    assert [limit.check(("alice", IP)) for _ in range(20)] == [0.0] * 20
+    assert limit.check(("alice", IP)) == 0.25
     clock.now += 0.125
-    assert limit.check("alice", IP) == 0.125
+    assert limit.check(("alice", IP)) == 0.125
     clock.now += 0.125
-    assert limit.check("alice", IP) == 0.0
-    assert limit.check("alice", IP) > 0
+    assert limit.check(("alice", IP)) == 0.0
+    assert limit.check(("alice", IP)) > 0
 
 
 def test_ticket_rate_limit_is_per_identity_and_address(clock):
     """Another identity, another address, or the anonymous caller each have their own bucket."""
-    limit = TicketRateLimit(1, 2)
+    limit = CallerRateLimit(1, 2)
+
+    def check(identity, address):  # the caller as the ticket endpoint spells it
+        return limit.check((identity_key(identity), address))
+
     for caller in (("alice", IP), ("bob", IP), ("alice", "127.0.0.2"), (None, IP), ({"id": 7}, IP)):
-        assert limit.check(*caller) == 0.0 and limit.check(*caller) == 0.0
-        assert limit.check(*caller) > 0, caller
+        assert check(*caller) == 0.0 and check(*caller) == 0.0
+        assert check(*caller) > 0, caller
     # 1 and "1" are two identities; a dict is the same whatever its key order.
-    assert limit.check(1, IP) == 0.0 and limit.check("1", IP) == 0.0
-    assert limit.check({"id": 7}, IP) > 0
+    assert check(1, IP) == 0.0 and check("1", IP) == 0.0
+    assert check({"id": 7}, IP) > 0
     assert identity_key({"a": 1, "b": 2}) == identity_key({"b": 2, "a": 1})
 
 
 def test_ticket_rate_limit_memory_stays_bounded_by_time(clock):
     """Rotating identities: a bucket idle for ``burst/rate`` s is full again and dropped."""
-    limit = TicketRateLimit(5, 20)  # a bucket refills in 4 s
+    limit = CallerRateLimit(5, 20)  # a bucket refills in 4 s
     largest = 0
     for i in range(20_000):
         clock.now += 0.001  # 1,000 new callers a second
-        assert limit.check(f"user-{i}", IP) == 0.0
+        assert limit.check((f"user-{i}", IP)) == 0.0
         largest = max(largest, len(limit))
     assert largest <= 4_001
     # A caller that stayed over its rate is still remembered meanwhile.
-    limit = TicketRateLimit(5, 20)
+    limit = CallerRateLimit(5, 20)
     for _ in range(21):
-        limit.check("alice", IP)
+        limit.check(("alice", IP))
     for i in range(1_000):
         clock.now += 0.0001
-        limit.check(f"user-{i}", IP)
-    assert limit.check("alice", IP) > 0
+        limit.check((f"user-{i}", IP))
+    assert limit.check(("alice", IP)) > 0
 
 
 def test_ticket_rate_limit_memory_stays_bounded_by_count(clock):
     """Past ``max_callers`` the least recently used buckets go first, whatever the rate."""
-    limit = TicketRateLimit(5, 20, max_callers=100)
+    limit = CallerRateLimit(5, 20, max_callers=100)
     for i in range(10_000):
-        limit.check(None, f"10.0.{i // 256}.{i % 256}")
+        limit.check((None, f"10.0.{i // 256}.{i % 256}"))
     assert len(limit) <= 100
