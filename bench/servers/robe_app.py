@@ -15,7 +15,9 @@ Settings changed from the defaults, for the benchmark's sake only:
 
 ``BENCH_METRICS=1`` (the ``robe-metrics`` server of ``bench/run.py``) turns
 ``ROBE_SOCKETS_METRICS`` on, to measure what counting for Prometheus costs.
-``BENCH_PRESENCE=1`` (``bench/presence.py``) turns presence on for ``presence:*``.
+``BENCH_PRESENCE=1`` (``bench/presence.py``) turns presence on for ``presence:*``,
+with ``ROBE_SOCKETS_PRESENCE_RATE_LIMIT`` raised as the frame rate is: all its
+connections are one anonymous caller from one address.
 """
 import os
 
@@ -39,6 +41,7 @@ app.config.update(
     ROBE_SOCKETS_METRICS=bool(os.environ.get("BENCH_METRICS")),
     # Set by bench/presence.py: presence on its channels only, never on "bench".
     ROBE_SOCKETS_PRESENCE=("presence:*",) if os.environ.get("BENCH_PRESENCE") else (),
+    ROBE_SOCKETS_PRESENCE_RATE_LIMIT=(1_000_000, 1_000_000),
 )
 sockets = RobeSockets(app)
 
