@@ -87,7 +87,7 @@ def matches(patterns: tuple[str, ...], channel: str) -> bool:
 class _View:
     """This worker's picture of one channel's members."""
 
-    __slots__ = ("members", "version", "pending", "users", "identities")
+    __slots__ = ("members", "version", "pending", "users", "identities", "stale")
 
     def __init__(self) -> None:
         self.members: dict[str, dict[str, Any]] = {}
@@ -99,6 +99,9 @@ class _View:
         #: How many members each non-null identity has: the wire form's
         #: ``users`` without a pass over every member at each join.
         self.identities: dict[Any, int] = {}
+        #: Set while events may be missing (a resync could not read the
+        #: backend): a joiner must not take the view as it is.
+        self.stale = False
 
     def apply(self, version: int, event: str, member: dict[str, Any]) -> None:
         if self.version is None:
@@ -154,9 +157,15 @@ class Roster:
     :param patterns: the channels with presence (ROBE_SOCKETS_PRESENCE).
     :param worker_id: this worker's id, as its heartbeat reports it, so that
         a surviving worker can remove the members of one that died.
+    :param greenlets: whether events and joins run as greenlets of one
+        thread (gevent), so that nothing changes a view while a joiner reads
+        it; with threads every joiner reads the backend's snapshot.
     """
 
-    def __init__(self, backend: Backend, hub: Hub, patterns: tuple[str, ...], worker_id: Callable[[], str]) -> None:
+    def __init__(
+        self, backend: Backend, hub: Hub, patterns: tuple[str, ...], worker_id: Callable[[], str],
+        greenlets: bool = True,
+    ) -> None:
         self._backend = backend
         self._hub = hub
         self._patterns = tuple(patterns)
@@ -165,6 +174,7 @@ class Roster:
         #: per presence channel.
         self._local: dict[str, dict[Subscriber, tuple[dict[str, Any], str]]] = {}
         self._views: dict[str, _View] = {}
+        self._greenlets = greenlets
         backend.start_presence(self.on_event, self.resync)
 
     def enabled(self, channel: str) -> bool:
@@ -188,8 +198,10 @@ class Roster:
         view.users += 1
         worker_id = self._worker_id()
         try:
+            if view.stale:
+                self.resync(channel)
             version, members = self._backend.presence_join(
-                channel, member, worker_id, snapshot=view.version is None
+                channel, member, worker_id, snapshot=view.version is None or not self._greenlets
             )
         except BaseException:
             self._release(channel, view)
@@ -230,6 +242,11 @@ class Roster:
             self._backend.presence_leave(channel, member["id"], worker_id)
         except Exception:
             log.exception("could not record that %s left %r", member["id"], channel)
+
+    def forget(self, channel: str) -> None:
+        """The worker stopped listening to ``channel``: its view can follow it
+        no more (a join still under way keeps its own, and undoes itself)."""
+        self._views.pop(channel, None)
 
     def _release(self, channel: str, view: _View) -> None:
         view.users -= 1
@@ -280,9 +297,13 @@ class Roster:
         view = self._views.get(channel)
         if view is None or view.version is None:
             return
+        view.stale = True
         version, members = self._backend.presence_snapshot(channel)
-        if version <= view.version:
+        view.stale = False
+        if version == view.version:
             return
+        # Newer: events were lost. Older: the backend lost its data (a Redis
+        # restarted without persistence numbers from 0 again).
         current = {m["id"]: m for m in members}
         changes = [(protocol.LEAVE, m) for i, m in view.members.items() if current.get(i) != m]
         changes += [(protocol.JOIN, m) for i, m in current.items() if view.members.get(i) != m]

@@ -52,7 +52,7 @@ class SocketServer:
         )
         #: What the layers report to, for Prometheus (``NULL`` when off).
         self.metrics: Metrics = create_metrics(settings.metrics)
-        self.hub = Hub(self.backend.subscribe, self.backend.unsubscribe, self.metrics)
+        self.hub = Hub(self.backend.subscribe, self._channel_unused, self.metrics)
         self.backend.start(self.hub.deliver)
         keys = [*(app.config.get("SECRET_KEY_FALLBACKS") or []), app.secret_key]
         self.tickets = TicketSigner(
@@ -172,12 +172,20 @@ class SocketServer:
         self.roster: Roster | None = None
         self._sweep_pid = 0
         if self.settings.presence:
-            self.roster = Roster(self.backend, self.hub, self.settings.presence, self._worker_id)
+            self.roster = Roster(
+                self.backend, self.hub, self.settings.presence, self._worker_id, greenlets=under_gevent()
+            )
             self.hub.on_leave = self.roster.leave
             self.dispatcher.roster = self.roster
 
     def _presence(self, channel: str) -> Presence:
         return Presence.from_dicts(self.backend.presence(channel))
+
+    def _channel_unused(self, channel: str) -> None:
+        """The hub's last subscriber of ``channel`` left: stop listening to it."""
+        self.backend.unsubscribe(channel)
+        if self.roster is not None:
+            self.roster.forget(channel)
 
     def _worker_id(self) -> str:
         heartbeat = self.heartbeat

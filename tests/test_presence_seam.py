@@ -355,3 +355,34 @@ def test_unsubscribed_while_its_subscribe_is_in_flight(commands_lag, redis_url, 
         listener.close()
         admin.close()
         publisher.close()
+
+
+def test_a_worker_follows_redis_numbering_again_after_redis_lost_its_data(redis_server, redis_url):
+    """Redis restarted without its data numbers presence events from 0 again:
+    once back, the worker hands its members the difference (everyone left),
+    and a new joiner's snapshot, taken from the worker's view, lists itself."""
+    srv = Gunicorn({"ROBE_SOCKETS_REDIS_URL": redis_url, "ROBE_SOCKETS_PRESENCE_TIMEOUT": 300, **PRESENCE})
+    admin = redis.Redis.from_url(redis_url)
+    clients = []
+    try:
+        channel = f"room:{uuid.uuid4().hex[:10]}"
+        observer, other = Client(srv, "olga"), Client(srv, "bob")
+        clients += [observer, other]
+        observer.subscribe(channel)
+        other.subscribe(channel)
+        assert observer.next_event()["event"] == "@join"
+        admin.flushdb()  # what a restart without persistence leaves
+        assert admin.client_kill_filter(_type="pubsub") >= 1
+        assert observer.next_event(timeout=10) == {
+            "channel": channel, "event": "@leave", "data": {"id": other.id, "identity": "bob", "info": None},
+        }
+        joiner = Client(srv, "jo")
+        clients.append(joiner)
+        mine = joiner.subscribe(channel)["presence"]
+        assert [m["id"] for m in mine["members"]] == [joiner.id]
+        assert observer.next_event()["data"]["id"] == joiner.id
+    finally:
+        for client in clients:
+            client.close()
+        admin.close()
+        srv.stop()
