@@ -284,11 +284,14 @@ class SocketServer:
             previous = signal.getsignal(signal.SIGTERM)
         except ValueError:  # not the main thread: nothing to chain to
             return
+        if not callable(previous):
+            # Not gunicorn's (a job runner, a script under gevent): taking
+            # SIGTERM there would keep it from stopping the process.
+            return
 
         def on_sigterm(signum: int, frame: Any) -> None:
             gevent.spawn(self.shutdown)
-            if callable(previous):
-                previous(signum, frame)
+            previous(signum, frame)
 
         try:
             signal.signal(signal.SIGTERM, on_sigterm)

@@ -5,8 +5,8 @@ environment variable (JSON), so each test server can be set up differently
 without another module.
 
 Every caller that did not log in is "anonymous" from 127.0.0.1 here, so the
-per-identity connection cap and the ticket rate limit would throttle the
-whole suite as one user: they are off unless a test's config sets them, or
+per-identity connection cap and the ticket and presence join rate limits
+would throttle the whole suite as one user: they are off unless a test's config sets them, or
 sets ``TEST_LIBRARY_LIMITS`` to run with the library's own defaults.
 """
 from __future__ import annotations
@@ -45,6 +45,7 @@ def create_app() -> Flask:
     if not app.config.get("TEST_LIBRARY_LIMITS"):
         app.config.setdefault("ROBE_SOCKETS_MAX_CONNECTIONS_PER_IDENTITY", None)
         app.config.setdefault("ROBE_SOCKETS_TICKET_RATE_LIMIT", (1_000_000, 1_000_000))
+        app.config.setdefault("ROBE_SOCKETS_PRESENCE_RATE_LIMIT", (1_000_000, 1_000_000))
     if isinstance(app.config.get("ROBE_SOCKETS_RATE_LIMIT"), list):
         app.config["ROBE_SOCKETS_RATE_LIMIT"] = tuple(app.config["ROBE_SOCKETS_RATE_LIMIT"])
     sockets.init_app(app)

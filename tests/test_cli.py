@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -266,3 +267,27 @@ def test_a_stopped_heartbeat_never_reports():
     beat.start()
     assert beat.worker_id is None  # no thread was started
     assert backend.reports == []
+
+
+def test_sigterm_still_stops_a_gevent_process_that_is_not_gunicorn():
+    """A job runner or script patched by gevent that builds the app keeps
+    SIGTERM's default: the app's graceful close chains to gunicorn's handler
+    only, and taking the signal elsewhere would keep the process running."""
+    code = (
+        "from gevent import monkey; monkey.patch_all()\n"
+        "import time\n"
+        "from tests.app import create_app\n"
+        "create_app()\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(30)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == -signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        proc.stdout.close()

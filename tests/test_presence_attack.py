@@ -42,6 +42,8 @@ CONFIG = {
     "ROBE_SOCKETS_PRESENCE": ["room:*"],
     # The test app lifts the per-identity cap; the attackers meet the library's.
     "ROBE_SOCKETS_MAX_CONNECTIONS_PER_IDENTITY": DEFAULTS["ROBE_SOCKETS_MAX_CONNECTIONS_PER_IDENTITY"],
+    # The test app lifts the join limit too (its anonymous callers are one): this is the library's.
+    LIMIT_KEY: DEFAULTS[LIMIT_KEY],
 }
 #: Honest members of the channel besides the observer, each its own identity
 #: (one identity would meet the join limit itself).
