@@ -63,7 +63,7 @@ class Heartbeat:
         """Report no more, and have the backend drop this worker at once
         (``backend.retire``), after any report still on its way: a worker
         stopping on purpose is not listed, nor taken for dead, for ``ttl``
-        seconds after."""
+        seconds after, and what it still held is let go of at once."""
         self._retiring = True
         self._stop.set()
 

@@ -257,7 +257,7 @@ class SocketServer:
             except Exception:  # one failure must not keep the rest open
                 log.exception("could not close %s on shutdown", conn)
         # Closing took every member off its channels (their leaves are
-        # recorded): what a failed leave left behind, a sweep removes.
+        # recorded); retiring lets go of what a failed leave left behind.
         if self.heartbeat is not None:
             self.heartbeat.retire()
 

@@ -658,3 +658,37 @@ def test_presence_joins_are_rate_limited_per_caller(monkeypatch):
     for bad in ((0, 5), (1, 0), 3, None):
         with pytest.raises(Exception, match="ROBE_SOCKETS_PRESENCE_RATE_LIMIT must be"):
             Settings(presence_rate_limit=bad)
+
+
+def test_a_retiring_worker_lets_go_of_members_still_recorded(redis_url):
+    """A worker that stops on purpose but could not record some leave (Redis
+    was out of reach then) removes those members as it retires: each leaves
+    once, and nothing of the worker stays for a sweep."""
+    from flask_robe_sockets.backends.redis import WORKERS_KEY, RedisBackend
+
+    backend = RedisBackend(redis_url)
+    admin = redis.Redis.from_url(redis_url)
+    listener = admin.pubsub()
+    try:
+        channel = fresh()
+        db = admin.connection_pool.connection_kwargs.get("db", 0)
+        listener.subscribe(f"robe:{db}:{channel}")
+        assert listener.get_message(timeout=5)["type"] == "subscribe"
+        backend.announce("retiring-w", {}, ttl=60)
+        backend.presence_join(channel, {"id": "left-behind", "identity": "x", "info": None}, "retiring-w")
+        backend.presence_join(channel, {"id": "elsewhere", "identity": "y", "info": None}, "other-w")
+        backend.retire("retiring-w")
+        assert [m["id"] for m in backend.presence(channel)] == ["elsewhere"]
+        assert backend.workers() == []
+        assert not admin.exists(f"{WORKERS_KEY}:retiring-w:presence")
+        assert backend.sweep_presence(0.05, 0.05) == 0
+        events = []
+        while (message := listener.get_message(timeout=1)) is not None:
+            events.append(json.loads(message["data"].split(b" ", 2)[2]))
+        assert [(e["event"], e["data"]["id"]) for e in events] == [
+            ("@join", "left-behind"), ("@join", "elsewhere"), ("@leave", "left-behind"),
+        ]
+    finally:
+        listener.close()
+        admin.close()
+        backend.close()

@@ -80,8 +80,8 @@ class Backend:
 
     def retire(self, worker_id: str) -> None:
         """This worker stops, its connections closed: ``workers`` leaves it out
-        at once, and a sweep (``sweep_presence``) lets go of what it may still
-        hold without waiting for its last report to lapse.
+        at once, and any member still recorded for it (a leave that failed)
+        leaves now, as a sweep (``sweep_presence``) would remove it.
 
         :raises BackendUnavailable: the backend could not be told.
         """

@@ -141,12 +141,15 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 86400000)
 return now
 """
 
-#: KEYS: the workers' set, the worker's hash. ARGV: id. A retiring worker's
-#: report lapses now: it is no longer listed, and counts as silent from now.
+#: KEYS: the workers' set, the worker's hash, its list of channels. ARGV:
+#: id. A retiring worker leaves no trace: it takes its list of channels (as
+#: a sweep's claim would) to let go of any member still recorded there.
 RETIRE_SCRIPT = """
-local t = redis.call('TIME')
-redis.call('ZADD', KEYS[1], 'XX', t[1] * 1000 + math.floor(t[2] / 1000), ARGV[1])
+redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[2])
+local channels = redis.call('SMEMBERS', KEYS[3])
+redis.call('DEL', KEYS[3])
+return channels
 """
 
 #: Where the workers report: one Redis Cluster slot for all of them.
@@ -535,19 +538,25 @@ class RedisBackend(Backend):
             removed = 0
             for i in range(0, len(claimed), 2):
                 worker_id = silent[claimed[i] - 1].decode()
-                left = 0
-                for name in claimed[i + 1]:
-                    channel = name.decode()
-                    keys = self._presence_keys(channel)
-                    left += self._presence_leave(
-                        keys=[*keys, f"{keys[0]}:{worker_id}"], args=[self._prefix + channel, channel]
-                    )
+                left = self._let_go(worker_id, claimed[i + 1])
                 if left:
                     log.info("worker %s stopped reporting: its %d members left", worker_id, left)
                 removed += left
         except redis.RedisError as exc:
             raise BackendUnavailable(f"could not remove dead workers' members in Redis: {exc}") from exc
         return removed
+
+    def _let_go(self, worker_id: str, channels: list[bytes]) -> int:
+        """Remove the members ``worker_id`` still has on ``channels``, each
+        announced with its ``@leave``; how many there were."""
+        left = 0
+        for name in channels:
+            channel = name.decode()
+            keys = self._presence_keys(channel)
+            left += self._presence_leave(
+                keys=[*keys, f"{keys[0]}:{worker_id}"], args=[self._prefix + channel, channel]
+            )
+        return left
 
     def _on_presence_message(self, channel: str, payload: bytes) -> None:
         on_event = getattr(self, "_on_presence", None)
@@ -570,10 +579,13 @@ class RedisBackend(Backend):
             raise BackendUnavailable(f"could not report this worker to Redis at {self._where()}: {exc}") from exc
 
     def retire(self, worker_id: str) -> None:
+        keys = [WORKERS_KEY, f"{WORKERS_KEY}:{worker_id}", self._worker_channels(worker_id)]
         try:
-            self._retire(keys=[WORKERS_KEY, f"{WORKERS_KEY}:{worker_id}"], args=[worker_id])
+            left = self._let_go(worker_id, self._retire(keys=keys, args=[worker_id]))
         except redis.RedisError as exc:
             raise BackendUnavailable(f"could not retire this worker in Redis at {self._where()}: {exc}") from exc
+        if left:
+            log.warning("worker %s stopped with %d members still recorded: they left now", worker_id, left)
 
     def workers(self) -> list[dict[str, Any]]:
         try:
