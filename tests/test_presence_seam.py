@@ -24,7 +24,7 @@ import redis
 
 from flask_robe_sockets import Publisher
 
-from .servers import Gunicorn
+from .servers import Gunicorn, wait_until
 from .test_presence import PRESENCE, Client
 
 pytestmark = pytest.mark.redis
@@ -386,3 +386,44 @@ def test_a_worker_follows_redis_numbering_again_after_redis_lost_its_data(redis_
             client.close()
         admin.close()
         srv.stop()
+
+
+def test_a_joiner_waits_for_a_resync_that_failed(redis_server, redis_url):
+    """Back from an outage, a worker could not read a channel's members (its
+    Redis user may not run scripts for a while), so its view misses a join
+    made meanwhile: the next joiner resyncs it first, and its snapshot lists
+    that member."""
+    from flask_robe_sockets.backends.redis import RedisBackend
+
+    admin = redis.Redis.from_url(redis_url)
+    user, password = f"robe-{uuid.uuid4().hex[:6]}", "seam"
+    admin.execute_command("ACL", "SETUSER", user, "on", f">{password}", "~*", "&*", "+@all")
+    url = redis_url.replace("redis://", f"redis://{user}:{password}@")
+    srv = Gunicorn({"ROBE_SOCKETS_REDIS_URL": url, "ROBE_SOCKETS_PRESENCE_TIMEOUT": 300, **PRESENCE})
+    elsewhere = RedisBackend(redis_url)
+    clients = []
+    try:
+        channel = f"room:{uuid.uuid4().hex[:10]}"
+        observer = Client(srv, "olga")
+        clients.append(observer)
+        observer.subscribe(channel)
+        admin.execute_command("ACL", "SETUSER", user, "-evalsha", "-eval")
+        assert admin.client_kill_filter(_type="pubsub") >= 1
+        # Published before the worker's listener is back (its first retry waits at least 50 ms).
+        missed = {"id": "missed-member", "identity": "max", "info": None}
+        elsewhere.presence_join(channel, missed, "elsewhere-worker")
+        wait_until(lambda: "bringing the members of" in srv.output(), message="the resync to fail")
+        admin.execute_command("ACL", "SETUSER", user, "+evalsha", "+eval")
+        joiner = Client(srv, "jo")
+        clients.append(joiner)
+        snapshot = joiner.subscribe(channel)["presence"]
+        assert {m["id"] for m in snapshot["members"]} == {observer.id, "missed-member", joiner.id}
+        # The observer hears the member it missed (the difference), then the joiner.
+        assert [observer.next_event()["data"]["id"] for _ in range(2)] == ["missed-member", joiner.id]
+    finally:
+        for client in clients:
+            client.close()
+        elsewhere.close()
+        srv.stop()
+        admin.execute_command("ACL", "DELUSER", user)
+        admin.close()
