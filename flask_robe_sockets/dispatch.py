@@ -24,7 +24,7 @@ from .frames import ws_frame
 from .message import Message
 from .metrics import NULL, Metrics
 from .ratelimit import CallerRateLimit
-from .tickets import identity_key
+from .tickets import caller
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -192,7 +192,7 @@ class Dispatcher:
         roster = self.roster if self.roster is not None and self.roster.enabled(channel) else None
         member = None
         if roster is not None and not rejoin:
-            wait = self._presence_joins.check((identity_key(session.identity), session.remote_addr))
+            wait = self._presence_joins.check(caller(session.identity, session.remote_addr))
             if wait:
                 session.answer_error(
                     "rate_limited", f"too many presence joins: try again in {math.ceil(wait)} s", ref, channel

@@ -16,7 +16,7 @@ from .control import Command, Controls
 from .dispatch import Router
 from .server import SocketServer
 from .testing import SocketTestClient
-from .tickets import identity_key
+from .tickets import caller
 
 log = logging.getLogger("flask_robe_sockets")
 
@@ -223,7 +223,7 @@ class RobeSockets(Controls):
         identity = self.router.load_identity()
         if identity is None and self.router.has_identity_loader:
             return _json_error(401, "unauthorized")
-        wait = server.ticket_limit.check((identity_key(identity), request.remote_addr))
+        wait = server.ticket_limit.check(caller(identity, request.remote_addr))
         if wait:
             response = _json_error(429, "rate_limited")
             response.headers["Retry-After"] = str(max(1, math.ceil(wait)))

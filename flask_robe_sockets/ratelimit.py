@@ -60,8 +60,8 @@ class RateLimiter:
 
 
 class CallerRateLimit:
-    """A token bucket per caller (an identity from one client IP, spelled
-    as the caller likes): for tickets, for presence joins.
+    """A token bucket per caller (``tickets.caller``: an identity from one
+    client IP), for tickets and for presence joins.
 
     Memory stays bounded whoever asks, so a caller rotating identities or
     addresses cannot grow it: a bucket left alone for ``burst / rate``

@@ -87,3 +87,9 @@ def identity_key(identity: Any) -> str:
     """One hashable spelling of a ticket's identity (any JSON value), so that
     ``{"id": 7}`` can be counted as ``"alice"`` is, and ``1`` apart from ``"1"``."""
     return json.dumps(identity, sort_keys=True, separators=(",", ":"))
+
+
+def caller(identity: Any, remote_addr: str | None) -> tuple[str, str | None]:
+    """Who a per-caller limit counts (tickets, presence joins): an identity
+    from one client IP."""
+    return identity_key(identity), remote_addr

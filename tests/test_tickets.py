@@ -9,7 +9,7 @@ from flask_robe_sockets.backends import memory
 from flask_robe_sockets.backends.memory import MemoryBackend
 from flask_robe_sockets.errors import ConfigurationError, TicketError
 from flask_robe_sockets.ratelimit import CallerRateLimit
-from flask_robe_sockets.tickets import SALT, TicketSigner, identity_key
+from flask_robe_sockets.tickets import SALT, TicketSigner, caller, identity_key
 
 IP = "127.0.0.1"
 
@@ -240,12 +240,12 @@ def test_ticket_rate_limit_is_per_identity_and_address(clock):
     """Another identity, another address, or the anonymous caller each have their own bucket."""
     limit = CallerRateLimit(1, 2)
 
-    def check(identity, address):  # the caller as the ticket endpoint spells it
-        return limit.check((identity_key(identity), address))
+    def check(identity, address):
+        return limit.check(caller(identity, address))
 
-    for caller in (("alice", IP), ("bob", IP), ("alice", "127.0.0.2"), (None, IP), ({"id": 7}, IP)):
-        assert check(*caller) == 0.0 and check(*caller) == 0.0
-        assert check(*caller) > 0, caller
+    for who in (("alice", IP), ("bob", IP), ("alice", "127.0.0.2"), (None, IP), ({"id": 7}, IP)):
+        assert check(*who) == 0.0 and check(*who) == 0.0
+        assert check(*who) > 0, who
     # 1 and "1" are two identities; a dict is the same whatever its key order.
     assert check(1, IP) == 0.0 and check("1", IP) == 0.0
     assert check({"id": 7}, IP) > 0
