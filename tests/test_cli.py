@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -281,6 +282,7 @@ def test_sigterm_still_stops_a_gevent_process_that_is_not_gunicorn():
     )
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
+        assert select.select([proc.stdout], [], [], 30)[0], "the process never said it was ready"
         assert proc.stdout.readline() == "ready\n"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == -signal.SIGTERM
